@@ -1,0 +1,207 @@
+"""Routing decisions: the default router, the decision cache, the backend pick. No I/O.
+
+:class:`Routing` is built once per config load and is immutable afterwards (except for its cache and its
+backend pickers, both safe to share): the server swaps a whole ``Routing`` atomically on reload, so in-flight
+requests finish with the config they started with.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import itertools
+import math
+import random
+import threading
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from typing import Any
+
+from ipc_router import x
+from ipc_router.filterapi import Backend, Config, RouteRule
+
+__all__ = ["Decision", "DefaultRouter", "RouteCache", "Routing", "UnknownRuleError", "WeightedPicker"]
+
+
+class DefaultRouter:
+    """The AI Gateway's routing: rules in order, the first whose header entries match (any one entry: they are
+    OR-ed) wins. ``Exact`` compares strings, ``RegularExpression`` must match the whole value."""
+
+    def __init__(self, config: Config) -> None:
+        # Flattened once: (header name, match, rule name) in rule order.
+        self._matches = tuple((h.name, h, r.name) for r in config.rules for h in r.headers)
+        self.cache_key_headers: tuple[str, ...] = tuple(dict.fromkeys(name for name, _, _ in self._matches))
+
+    def calculate(self, request_headers: Mapping[str, str]) -> str:
+        get = request_headers.get
+        for name, match, rule in self._matches:
+            value = get(name)
+            if value is not None and match.matches(value):
+                return rule
+        raise x.NoMatchingRuleError()
+
+
+class UnknownRuleError(LookupError):
+    """A (custom) router named a rule that the config does not have."""
+
+
+_MISS = object()
+
+
+class RouteCache:
+    """Bounded map from header values to rule names; safe to share between threads.
+
+    Reads take no lock (a dict lookup is atomic under the GIL); an insert takes the lock and re-checks.
+    Eviction is CLOCK (second chance): a hit marks its entry, eviction skips marked entries once.
+    """
+
+    def __init__(self, key_headers: Sequence[str], maxsize: int = 4096) -> None:
+        if maxsize < 1:
+            raise ValueError("maxsize must be >= 1")
+        self.key_headers = tuple(key_headers)
+        self.maxsize = maxsize
+        self.hits = 0
+        self.misses = 0
+        # key -> [rule name, referenced bit]
+        self._data: dict[tuple[str | None, ...], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def key(self, headers: Mapping[str, str]) -> tuple[str | None, ...]:
+        get = headers.get
+        return tuple([get(h) for h in self.key_headers])
+
+    def get(self, key: tuple[str | None, ...]) -> str | None:
+        entry = self._data.get(key)
+        if entry is None:
+            self.misses += 1  # counters are statistics: a lost increment under contention is acceptable
+            return None
+        entry[1] = True
+        self.hits += 1
+        rule: str = entry[0]
+        return rule
+
+    def put(self, key: tuple[str | None, ...], rule: str) -> None:
+        with self._lock:
+            if key in self._data:
+                return
+            data = self._data
+            while len(data) >= self.maxsize:
+                oldest = next(iter(data))
+                entry = data.pop(oldest)
+                if entry[1]:
+                    entry[1] = False
+                    data[oldest] = entry
+            data[key] = [rule, False]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class WeightedPicker:
+    """Picks a backend of a rule by weight; weight 0 is never picked.
+
+    Small integer weights use a precomputed smooth weighted round-robin sequence (nginx's): exact shares over
+    every cycle, evenly interleaved, and ``next`` on ``itertools.cycle`` is atomic under the GIL. Weights that
+    would make the cycle too long fall back to a weighted random choice.
+    """
+
+    MAX_CYCLE = 4096
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        live = [b for b in backends if b.weight > 0]
+        if not live:
+            raise ValueError("no backend with a weight > 0")
+        self.backends = tuple(live)
+        g = reduce(math.gcd, (b.weight for b in live))
+        weights = [b.weight // g for b in live]
+        total = sum(weights)
+        self._next: Callable[[], Backend]
+        if len(live) == 1:
+            only = live[0]
+            self._next = lambda: only
+        elif total <= self.MAX_CYCLE:
+            self._next = itertools.cycle(_smooth_wrr(live, weights)).__next__
+        else:
+            cumulative = list(itertools.accumulate(weights))
+            rnd = random.random
+
+            def pick() -> Backend:
+                return live[bisect.bisect_right(cumulative, rnd() * total)]
+
+            self._next = pick
+
+    def pick(self) -> Backend:
+        return self._next()
+
+
+def _smooth_wrr(backends: Sequence[Backend], weights: Sequence[int]) -> Iterator[Backend]:
+    current = [0] * len(weights)
+    total = sum(weights)
+    for _ in range(total):
+        for i, w in enumerate(weights):
+            current[i] += w
+        best = max(range(len(weights)), key=current.__getitem__)
+        current[best] -= total
+        yield backends[best]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    rule: RouteRule
+    #: ``None`` when the rule has no backends (Envoy's route for the rule then decides).
+    backend: Backend | None
+    cached: bool = False
+
+
+class Routing:
+    """Everything routing needs for one config generation: router (default or custom), cache, pickers."""
+
+    def __init__(
+        self,
+        config: Config,
+        new_custom_router: x.NewCustomRouterFn | None = None,
+        *,
+        cache_size: int = 4096,
+        generation: int = 0,
+    ) -> None:
+        self.config = config
+        self.generation = generation
+        self.default_router = DefaultRouter(config)
+        factory = new_custom_router if new_custom_router is not None else x.new_custom_router
+        self.router: x.Router = factory(self.default_router, config) if factory is not None else self.default_router
+        self.custom = self.router is not self.default_router
+        key_headers: Collection[str] | None = getattr(self.router, "cache_key_headers", None)
+        self.cache = RouteCache([h.lower() for h in key_headers], cache_size) if key_headers is not None else None
+        self._rules = {r.name: r for r in config.rules}
+        self._pickers = {r.name: WeightedPicker(r.backends) for r in config.rules if r.backends}
+
+    def route(self, headers: Mapping[str, str]) -> Decision | Awaitable[Decision]:
+        """Decide a request's rule and backend. Raises :class:`~ipc_router.x.NoMatchingRuleError`,
+        :class:`UnknownRuleError`, or whatever a custom router raises. Returns an awaitable when the router is
+        async (the cache is still used and filled)."""
+        cache = self.cache
+        if cache is not None:
+            key = cache.key(headers)
+            name = cache.get(key)
+            if name is not None:
+                return self._decide(name, cached=True)
+        result = self.router.calculate(headers)
+        if inspect.isawaitable(result):
+            return self._finish_async(result, key if cache is not None else None)
+        if cache is not None:
+            cache.put(key, result)
+        return self._decide(result)
+
+    async def _finish_async(self, pending: Awaitable[str], key: tuple[str | None, ...] | None) -> Decision:
+        name = await pending
+        if key is not None and self.cache is not None:
+            self.cache.put(key, name)
+        return self._decide(name)
+
+    def _decide(self, name: str, cached: bool = False) -> Decision:
+        rule = self._rules.get(name)
+        if rule is None:
+            raise UnknownRuleError(f"router returned {name!r}, which is not a rule of the config")
+        picker = self._pickers.get(name)
+        return Decision(rule, picker.pick() if picker is not None else None, cached)
