@@ -1,0 +1,192 @@
+"""``ipc-router``: serve, check-config, route, envoy-config.
+
+Every ``serve`` option maps to one field of :class:`~ipc_router.server.Settings` and can also be set by the
+environment variable ``IPC_ROUTER_<OPTION>`` (``--metrics-addr`` → ``IPC_ROUTER_METRICS_ADDR``); a flag wins
+over the variable, which wins over the config file's ``server:`` section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from ipc_router import x
+from ipc_router.filterapi import ConfigError, load_config
+from ipc_router.plugins import ROUTERS_GROUP, PluginError, load_plugin
+from ipc_router.router import Decision, Routing
+from ipc_router.server import Settings, load_routing, run
+
+__all__ = ["main"]
+
+_HELP = {
+    "socket": "Unix socket path to listen on (under 108 bytes)",
+    "config": "AI Gateway filter config YAML; watched and reloaded on change; missing file = no rules",
+    "router": "custom router factory, 'module:attr' or an entry-point name (ipc_router.routers)",
+    "metrics": "custom metrics factory, 'module:attr' or an entry-point name (ipc_router.metrics)",
+    "metrics_addr": "serve Prometheus /metrics on HOST:PORT",
+    "otlp_endpoint": "push metrics by OTLP/HTTP to this base URL (default: $OTEL_EXPORTER_OTLP_ENDPOINT)",
+    "otlp_interval": "seconds between OTLP pushes",
+    "metrics_request_header_attributes": "request headers to add to GenAI metrics, 'x-team-id:team_id,...'",
+    "socket_mode": "permissions of the socket file, octal",
+    "router_timeout": "seconds an async custom router may take before the request gets a 504",
+    "request_ttl": "seconds a routed request waits for its completion before it is expired",
+    "max_body": "largest request body in bytes (413 beyond)",
+    "max_header": "largest request head in bytes (431 beyond)",
+    "cache_size": "route cache entries",
+    "reload_interval": "seconds between config file checks",
+    "drain_timeout": "seconds to let in-flight requests finish on SIGTERM",
+}
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get("IPC_ROUTER_" + name.upper())
+
+
+def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = _env(f.name)
+        default: Any = f.default if f.default is not dataclasses.MISSING else None
+        if f.name == "otlp_endpoint" and env is None:
+            env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        kind: Any = str
+        if f.name == "socket_mode":
+            kind = lambda s: int(s, 8)  # noqa: E731
+        elif isinstance(default, bool):
+            kind = bool
+        elif isinstance(default, int):
+            kind = int
+        elif isinstance(default, float):
+            kind = float
+        if env is not None:
+            default = kind(env)
+        required = f.name == "socket" and default is None
+        help_ = _HELP.get(f.name, "") + (f" (default: {default})" if default is not None and f.name != "socket" else "")
+        p.add_argument(flag, dest=f.name, type=kind, default=default, required=required, help=help_)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
+    try:
+        run(settings)
+    except (ConfigError, PluginError, ValueError, OSError) as e:
+        print(f"ipc-router: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.path)
+        Routing(config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.path}: ok ({len(config.rules)} rules, {sum(len(r.backends) for r in config.rules)} backends)")
+    return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    try:
+        factory = load_plugin(args.router, ROUTERS_GROUP) if args.router else x.new_custom_router
+        routing = load_routing(args.config, factory, 1)
+    except (ConfigError, PluginError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    headers: dict[str, str] = {}
+    for h in args.header:
+        name, sep, value = h.partition(":")
+        if not sep:
+            print(f"error: bad header {h!r}; expected 'name: value'", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    if args.model is not None:
+        headers[routing.config.model_name_header_key] = args.model
+    try:
+        result = routing.route(headers)
+        decision = result if isinstance(result, Decision) else _run_async(result)
+    except x.NoMatchingRuleError as e:
+        print(f"no match: {e}")
+        return 1
+    print(f"rule: {decision.rule.name}")
+    print(f"backend: {decision.backend.name if decision.backend else '-'}")
+    return 0
+
+
+def _run_async(awaitable: Any) -> Decision:
+    async def wait() -> Decision:
+        result: Decision = await awaitable
+        return result
+
+    return asyncio.run(wait()) if inspect.isawaitable(awaitable) else awaitable
+
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    from ipc_router.envoy_config import bootstrap, render
+
+    try:
+        config = load_config(args.config)
+        doc = bootstrap(
+            config,
+            socket_path=args.socket,
+            listen=args.listen,
+            admin=args.admin,
+            failure_mode=args.failure_mode,
+            fallback_route=args.fallback_route,
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(doc))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ipc-router", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--log-level", default=os.environ.get("IPC_ROUTER_LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the sidecar")
+    _add_serve_options(serve)
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a filter config; exit 1 with the error")
+    check.add_argument("path")
+    check.set_defaults(func=_check_config)
+
+    route = sub.add_parser("route", help="print the rule and backend a request would get")
+    route.add_argument("--config", required=True)
+    route.add_argument("-H", "--header", action="append", default=[], help="'name: value', repeatable")
+    route.add_argument("--model", help="the body's model (sets the model header)")
+    route.add_argument("--router", help="custom router factory, 'module:attr'")
+    route.set_defaults(func=_route)
+
+    envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap for a config")
+    envoy.add_argument("--config", required=True)
+    envoy.add_argument("--socket", required=True, help="the sidecar's Unix socket path")
+    envoy.add_argument("--listen", default="127.0.0.1:10000", help="HOST:PORT for client traffic")
+    envoy.add_argument("--admin", help="HOST:PORT for Envoy's admin interface")
+    envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed")
+    envoy.add_argument("--fallback-route", help="rule used by fail_open when the sidecar is unavailable")
+    envoy.set_defaults(func=_envoy_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The sidecar's wire protocol, sans I/O: HTTP/1.1 bytes in, :class:`Request` objects out; answers to bytes.
+
+HTTP/1.1 parsing is ``httptools`` (llhttp). Requests may arrive split at any byte and pipelined; a
+:class:`Connection` is fed whatever the socket gave and returns the complete requests. Bodies are msgpack or
+JSON, chosen by the request's ``content-type``; answers use the same format. See ``docs/protocol.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import msgpack
+import orjson
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "BadMessage",
+    "Connection",
+    "ProtocolError",
+    "Request",
+    "decode_body",
+    "encode_body",
+    "encode_response",
+]
+
+MSGPACK = "application/msgpack"
+JSON = "application/json"
+
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    keep_alive: bool
+
+    @property
+    def content_type(self) -> str:
+        """The body format: ``MSGPACK``, ``JSON``, or whatever else the client said (lower-case, no params)."""
+        ct = self.headers.get("content-type")
+        if ct is None:
+            return MSGPACK
+        return ct.split(";", 1)[0].strip().lower()
+
+
+class ProtocolError(Exception):
+    """The byte stream cannot be parsed further: answer ``status`` and close the connection."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        #: Requests completed by the same ``feed`` call before framing was lost; answer them first.
+        self.completed: list[Request] = []
+
+
+class BadMessage(ValueError):
+    """A well-framed request whose body is not a usable message (400, the connection stays open)."""
+
+
+class Connection:
+    """HTTP/1.1 request parser state for one connection."""
+
+    __slots__ = (
+        "_body",
+        "_body_size",
+        "_done",
+        "_error",
+        "_header_bytes",
+        "_headers",
+        "_last_name",
+        "_parser",
+        "_url",
+        "max_body_bytes",
+        "max_header_bytes",
+    )
+
+    def __init__(
+        self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    ) -> None:
+        self.max_header_bytes = max_header_bytes
+        self.max_body_bytes = max_body_bytes
+        self._parser = httptools.HttpRequestParser(self)
+        self._done: list[Request] = []
+        self._error: ProtocolError | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._last_name = ""
+        self._header_bytes = 0
+        self._body: list[bytes] = []
+        self._body_size = 0
+
+    def feed(self, data: bytes) -> list[Request]:
+        """Parse more bytes; return the requests they completed, in order.
+
+        Raises :class:`ProtocolError` once framing is lost; requests completed before the error in the same
+        call are available as ``error.completed``.
+        """
+        if self._error is not None:
+            raise self._error
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._error = ProtocolError(400, "protocol upgrade is not supported")
+        except httptools.HttpParserCallbackError:
+            if self._error is None:  # pragma: no cover - our callbacks only raise after setting _error
+                self._error = ProtocolError(400, "malformed HTTP request")
+        except httptools.HttpParserError as e:
+            self._error = ProtocolError(400, f"malformed HTTP request: {e}")
+        done, self._done = self._done, []
+        if self._error is not None:
+            self._error.completed = done
+            raise self._error
+        return done
+
+    def _fail(self, status: int, message: str) -> None:
+        self._error = ProtocolError(status, message)
+        raise self._error
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reset()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._header_bytes += len(url)
+        if self._header_bytes > self.max_header_bytes:
+            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        if self._header_bytes > self.max_header_bytes:
+            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        prev = self._headers.get(key)
+        self._headers[key] = text if prev is None else f"{prev},{text}"
+
+    def on_headers_complete(self) -> None:
+        length = self._headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            self._fail(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_size += len(body)
+        if self._body_size > self.max_body_bytes:
+            self._fail(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        p = self._parser
+        url = self._url
+        q = url.find(b"?")
+        path = (url if q < 0 else url[:q]).decode("latin-1")
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._done.append(Request(p.get_method().decode("ascii"), path, self._headers, body, p.should_keep_alive()))
+
+
+_REASONS = {
+    200: "OK",
+    204: "No Content",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+def encode_response(status: int, body: bytes = b"", content_type: str = MSGPACK, keep_alive: bool = True) -> bytes:
+    """One complete HTTP/1.1 response, ready for a single ``write``."""
+    head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\n"
+    if status != 204:
+        head += f"content-type: {content_type}\r\ncontent-length: {len(body)}\r\n"
+    if not keep_alive:
+        head += "connection: close\r\n"
+    return (head + "\r\n").encode("ascii") + (body if status != 204 else b"")
+
+
+def decode_body(body: bytes, content_type: str) -> Any:
+    """A message from a request body. Raises :class:`BadMessage` with what is wrong."""
+    if content_type == MSGPACK:
+        try:
+            return msgpack.unpackb(body, raw=False)
+        except Exception as e:  # msgpack raises several unrelated types for bad input
+            raise BadMessage(f"body is not valid msgpack: {e}") from None
+    if content_type == JSON:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            raise BadMessage(f"body is not valid JSON: {e}") from None
+    raise BadMessage(f"unsupported content-type {content_type!r}; use {MSGPACK} or {JSON}")
+
+
+def encode_body(message: Any, content_type: str) -> bytes:
+    if content_type == JSON:
+        return orjson.dumps(message, default=_json_default)
+    out: bytes = msgpack.packb(message, use_bin_type=True)
+    return out
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "replace")
+    raise TypeError

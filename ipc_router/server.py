@@ -1,0 +1,356 @@
+"""The sidecar process: a Unix-socket server on uvloop, config hot reload, plugins, signals.
+
+Thin adapters only: bytes go to :class:`~ipc_router.protocol.Connection`, requests to
+:class:`~ipc_router.service.Service`, answers back to the socket in one ``write`` each, in request order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from ipc_router import x
+from ipc_router.filterapi import Config, ConfigError, default_config, load_config
+from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, load_plugin
+from ipc_router.protocol import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_HEADER_BYTES,
+    JSON,
+    Connection,
+    ProtocolError,
+    encode_response,
+)
+from ipc_router.router import Routing
+from ipc_router.service import Response, Service, parse_header_attributes
+from ipc_router.telemetry import Telemetry, start_telemetry
+
+__all__ = ["Settings", "Sidecar", "load_routing", "run"]
+
+log = logging.getLogger("ipc_router")
+
+
+@dataclass
+class Settings:
+    """Everything ``ipc-router serve`` takes; each field is one command-line option."""
+
+    socket: str
+    config: str | None = None
+    router: str | None = None
+    metrics: str | None = None
+    metrics_addr: str | None = None
+    otlp_endpoint: str | None = None
+    otlp_interval: float = 10.0
+    metrics_request_header_attributes: str | None = None
+    socket_mode: int = 0o660
+    router_timeout: float = 1.0
+    request_ttl: float = 600.0
+    max_body: int = DEFAULT_MAX_BODY_BYTES
+    max_header: int = DEFAULT_MAX_HEADER_BYTES
+    cache_size: int = 4096
+    reload_interval: float = 0.5
+    drain_timeout: float = 10.0
+
+
+def _read_config(path: str | None) -> Config:
+    if path is None or not os.path.exists(path):
+        if path is not None:
+            log.warning("config file %s does not exist: using the default config (no rules)", path)
+        return default_config()
+    return load_config(path)
+
+
+def load_routing(
+    path: str | None, new_custom_router: x.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
+) -> Routing:
+    """Read the config (missing file: default config) and build its routing. Raises ConfigError, or whatever a
+    custom router factory raises."""
+    return Routing(_read_config(path), new_custom_router, cache_size=cache_size, generation=generation)
+
+
+class _SidecarProtocol(asyncio.Protocol):
+    __slots__ = ("_closing", "_conn", "_pending", "_server", "_transport")
+
+    def __init__(self, server: Sidecar) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._conn = Connection(server.settings.max_header, server.settings.max_body)
+        # Answers not yet written, in request order: bytes, or a task still computing one.
+        self._pending: deque[bytes | asyncio.Task[Response]] = deque()
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
+        self._server.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        for item in self._pending:
+            if isinstance(item, asyncio.Task):
+                item.cancel()
+        self._pending.clear()
+        self._transport = None
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            requests = self._conn.feed(data)
+        except ProtocolError as e:
+            for req in e.completed:
+                self._answer(req)
+            self._queue(encode_response(e.status, f'{{"error":"{e.message}"}}'.encode(), JSON, keep_alive=False))
+            self._close_after_flush()
+            return
+        for req in requests:
+            self._answer(req)
+            if not req.keep_alive:
+                self._close_after_flush()
+                return
+
+    def _answer(self, req: Any) -> None:
+        try:
+            result = self._server.service.handle(req)
+        except Exception:  # the service guards plugins itself; this is a bug in ipc_router, but we keep serving
+            log.exception("internal error handling %s %s", req.method, req.path)
+            self._queue(encode_response(500, b'{"error":"internal error"}', JSON, req.keep_alive))
+            return
+        if isinstance(result, Response):
+            self._queue(encode_response(result.status, result.body, result.content_type, req.keep_alive))
+            if result.after is not None:
+                self._run_after(result)
+            return
+        task = asyncio.ensure_future(self._finish(result))
+        self._server.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._pending.append(task)
+
+    async def _finish(self, pending: Awaitable[Response]) -> Response:
+        return await pending
+
+    def _task_done(self, task: asyncio.Task[Response]) -> None:
+        self._server.tasks.discard(task)
+        self._flush()
+
+    def _run_after(self, result: Response) -> None:
+        try:
+            assert result.after is not None
+            result.after()
+        except Exception:
+            log.exception("error after answering")
+
+    def _queue(self, data: bytes) -> None:
+        if self._pending:
+            self._pending.append(data)
+            self._flush()
+        elif self._transport is not None:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        pending, transport = self._pending, self._transport
+        while pending and transport is not None:
+            head = pending[0]
+            if isinstance(head, bytes):
+                pending.popleft()
+                transport.write(head)
+                continue
+            if not head.done():
+                return
+            pending.popleft()
+            if head.cancelled():
+                continue
+            exc = head.exception()
+            if exc is not None:
+                log.error("internal error in async route", exc_info=exc)
+                transport.write(encode_response(500, b'{"error":"internal error"}', JSON))
+                continue
+            result = head.result()
+            transport.write(encode_response(result.status, result.body, result.content_type))
+            if result.after is not None:
+                self._run_after(result)
+        if not pending and self._closing and transport is not None:
+            transport.close()
+
+    def _close_after_flush(self) -> None:
+        self._closing = True
+        if not self._pending and self._transport is not None:
+            self._transport.close()
+
+    def idle(self) -> bool:
+        return not self._pending
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class Sidecar:
+    """One running sidecar: socket, service, reloader, telemetry."""
+
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        self.settings = settings
+        self.telemetry = telemetry
+        config_settings = _read_config(settings.config).server if settings.config else default_config().server
+        router_spec = settings.router or config_settings.router
+        metrics_spec = settings.metrics or config_settings.metrics
+        self.new_custom_router: x.NewCustomRouterFn | None = (
+            load_plugin(router_spec, ROUTERS_GROUP) if router_spec else x.new_custom_router
+        )
+        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = (
+            load_plugin(metrics_spec, METRICS_GROUP) if metrics_spec else None
+        )
+        header_attrs = parse_header_attributes(
+            settings.metrics_request_header_attributes or config_settings.metrics_request_header_attributes
+        )
+        self.generation = 1
+        routing = load_routing(settings.config, self.new_custom_router, self.generation, settings.cache_size)
+        self.service = Service(
+            routing,
+            meter=telemetry.meter if telemetry is not None else None,
+            metrics_factory=metrics_factory,
+            header_attributes=header_attrs,
+            router_timeout=settings.router_timeout,
+            request_ttl=settings.request_ttl,
+        )
+        self.service.stats.reloads["ok"] += 1
+        self.connections: set[_SidecarProtocol] = set()
+        self.tasks: set[asyncio.Task[Response]] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._config_stamp = _stamp(settings.config)
+        self._watcher: asyncio.Future[None] | None = None
+
+    # --- config reload --------------------------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Build a new routing from the config file and swap it in; keep the old one if that fails."""
+        path = self.settings.config
+        try:
+            routing = load_routing(path, self.new_custom_router, self.generation + 1, self.settings.cache_size)
+        except ConfigError as e:
+            self.service.stats.reloads["error"] += 1
+            log.error("config reload failed, keeping generation %d: %s", self.generation, e)
+            return False
+        except Exception as e:
+            self.service.stats.reloads["error"] += 1
+            self.service.stats.plugin_errors["router_factory"] += 1
+            log.exception("custom router factory failed on reload, keeping generation %d: %s", self.generation, e)
+            return False
+        self.generation += 1
+        self.service.routing = routing
+        self.service.stats.reloads["ok"] += 1
+        log.info("config generation %d loaded from %s (%d rules)", self.generation, path, len(routing.config.rules))
+        return True
+
+    async def _watch(self) -> None:
+        # Polling stat() catches edits, atomic renames, deletion and re-creation alike, with no extra thread.
+        while True:
+            await asyncio.sleep(self.settings.reload_interval)
+            self.service.expire()
+            stamp = _stamp(self.settings.config)
+            if stamp != self._config_stamp:
+                self._config_stamp = stamp
+                self.reload()
+
+    # --- lifecycle ------------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        path = self.settings.socket
+        _clear_stale_socket(path)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _SidecarProtocol(self), path, backlog=1024)
+        os.chmod(path, self.settings.socket_mode)
+        self._watcher = asyncio.ensure_future(self._watch())
+        log.info("ipc-router listening on %s (config generation %d)", path, self.generation)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``drain_timeout``), close, unlink the socket."""
+        if self._server is None:
+            return
+        self._server.close()
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=self.settings.drain_timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.drain_timeout
+        while any(not c.idle() for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        for c in list(self.connections):
+            c.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.settings.socket)
+        self._server = None
+
+    async def serve_forever(self) -> None:
+        await self.start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await stopping.wait()
+            log.info("signal received: draining")
+        finally:
+            await self.stop()
+
+
+def _stamp(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _clear_stale_socket(path: str) -> None:
+    if len(os.fsencode(path)) >= 108:
+        raise ValueError(f"socket path is {len(os.fsencode(path))} bytes; Unix socket paths must be under 108")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: a stale file from a process that died
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another process is already serving on {path}")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop not installed: using the asyncio event loop")
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(settings: Settings) -> None:
+    """Run the sidecar until SIGTERM/SIGINT."""
+    telemetry = start_telemetry(settings.metrics_addr, settings.otlp_endpoint, settings.otlp_interval)
+    try:
+        sidecar = Sidecar(settings, telemetry)
+        loop = _new_loop()
+        try:
+            loop.run_until_complete(sidecar.serve_forever())
+        finally:
+            loop.close()
+    finally:
+        telemetry.shutdown()

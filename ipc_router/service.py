@@ -1,0 +1,502 @@
+"""What the sidecar answers: turns a decoded request into a response, using the routing and the metrics.
+
+No sockets here; :mod:`ipc_router.server` feeds it :class:`~ipc_router.protocol.Request` objects. Each handler
+returns a :class:`Response`, or an awaitable of one when an async router is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
+
+from ipc_router import x
+from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
+from ipc_router.metrics import ERROR_TYPE, extract_usage, new_default_chat_completion_metrics
+from ipc_router.protocol import JSON, MSGPACK, BadMessage, Request, decode_body, encode_body
+from ipc_router.router import Decision, Routing, UnknownRuleError
+
+__all__ = ["Response", "Service", "Stats", "parse_header_attributes"]
+
+log = logging.getLogger("ipc_router")
+
+_NS = 1e-9
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = MSGPACK
+    #: Work to run after the response is written (the completion's metrics).
+    after: Callable[[], None] | None = None
+
+
+@dataclass(slots=True)
+class _InFlight:
+    metrics: x.ChatCompletionMetrics
+    attrs: Mapping[str, str]
+    expires: float
+
+
+@dataclass
+class Stats:
+    """The sidecar's own counters (plain ints: reading them costs the hot path nothing)."""
+
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    plugin_errors: Counter[str] = field(default_factory=Counter)
+    reloads: Counter[str] = field(default_factory=Counter)
+    usage_missing: int = 0
+    expired: int = 0
+    evicted: int = 0
+    unknown_completions: int = 0
+
+
+def parse_header_attributes(spec: str | None) -> tuple[tuple[str, str], ...]:
+    """``"x-team-id:team_id,x-user-tier:tier"`` → ``(("x-team-id", "team_id"), ("x-user-tier", "tier"))``."""
+    if not spec:
+        return ()
+    out: list[tuple[str, str]] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        header, sep, attr = item.partition(":")
+        header, attr = header.strip().lower(), attr.strip()
+        if not sep or not header or not attr:
+            raise ValueError(f"bad header attribute mapping {item!r}; expected 'header-name:attribute_name'")
+        out.append((header, attr))
+    return tuple(out)
+
+
+def _error(status: int, message: str, type_: str, code: str) -> Response:
+    body = orjson.dumps({"error": {"message": message, "type": type_, "code": code}})
+    return Response(status, body, JSON)
+
+
+class Service:
+    """Handles ``/route``, ``/complete``, ``/healthz``, ``/v1/models`` and ``/stats``.
+
+    ``routing`` may be replaced at any time (hot reload); each request uses the object it started with.
+    """
+
+    def __init__(
+        self,
+        routing: Routing,
+        *,
+        meter: Meter | None = None,
+        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = None,
+        header_attributes: Sequence[tuple[str, str]] = (),
+        router_timeout: float = 1.0,
+        request_ttl: float = 600.0,
+        max_in_flight: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.routing = routing
+        self.meter: Meter = meter if meter is not None else NoOpMeter("ipc_router")
+        factory = metrics_factory or x.new_custom_chat_completion_metrics or new_default_chat_completion_metrics
+        self.metrics_factory: x.NewCustomChatCompletionMetricsFn = factory
+        self.header_attributes = tuple(header_attributes)
+        self.router_timeout = router_timeout
+        self.request_ttl = request_ttl
+        self.max_in_flight = max_in_flight
+        self.clock = clock
+        self.stats = Stats()
+        self.in_flight: OrderedDict[str, _InFlight] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
+        self._models: tuple[int, bytes] | None = None
+        self._route_duration = self.meter.create_histogram(
+            "ipc_router.route.duration", unit="s", description="Time the sidecar spent deciding one route.",
+            explicit_bucket_boundaries_advisory=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5),
+        )  # fmt: skip
+        self._register_observables()
+
+    # --- dispatch -------------------------------------------------------------------------------------------------
+
+    def handle(self, req: Request) -> Response | Awaitable[Response]:
+        path, method = req.path, req.method
+        if path == "/route":
+            if method != "POST":
+                return self._reject(req, "route", 405, "use POST")
+            return self.route(req)
+        if path == "/complete":
+            if method != "POST":
+                return self._reject(req, "complete", 405, "use POST")
+            return self.complete(req)
+        if path == "/healthz":
+            self.stats.requests["healthz", "ok"] += 1
+            return Response(200, orjson.dumps({"status": "ok", "generation": self.routing.generation}), JSON)
+        if path == "/v1/models":
+            self.stats.requests["models", "ok"] += 1
+            return Response(200, self._models_body(), JSON)
+        if path == "/stats":
+            self.stats.requests["stats", "ok"] += 1
+            return Response(200, orjson.dumps(self.snapshot()), JSON)
+        return self._reject(req, "unknown", 404, f"unknown path {path!r}")
+
+    def _reject(self, req: Request, endpoint: str, status: int, message: str) -> Response:
+        self.stats.requests[endpoint, "bad_request"] += 1
+        fmt = JSON if req.content_type == JSON else MSGPACK
+        return Response(status, encode_body({"error": message}, fmt), fmt)
+
+    def _message(self, req: Request, endpoint: str) -> tuple[Mapping[str, Any], str] | Response:
+        fmt = req.content_type
+        if fmt not in (MSGPACK, JSON):
+            return self._reject(req, endpoint, 415, f"unsupported content-type {fmt!r}; use {MSGPACK} or {JSON}")
+        try:
+            msg = decode_body(req.body, fmt)
+        except BadMessage as e:
+            return self._reject(req, endpoint, 400, str(e))
+        if not isinstance(msg, dict):
+            return self._reject(req, endpoint, 400, f"body must be a map, got {type(msg).__name__}")
+        return msg, fmt
+
+    # --- /route ---------------------------------------------------------------------------------------------------
+
+    def route(self, req: Request) -> Response | Awaitable[Response]:
+        started = time.perf_counter()
+        decoded = self._message(req, "route")
+        if isinstance(decoded, Response):
+            return decoded
+        msg, fmt = decoded
+        try:
+            path = _field(msg, "path", str)
+            headers = _field(msg, "headers", dict)
+            body = _field(msg, "body", (bytes, str))
+            t_ns = _field(msg, "t", int, required=False)
+            request_id = _field(msg, "id", str, required=False)
+        except BadMessage as e:
+            return self._reject(req, "route", 400, str(e))
+        if fmt == JSON:
+            headers = {str(k).lower(): str(v) for k, v in headers.items()}
+        t = t_ns * _NS if t_ns is not None else self.clock()
+
+        routing = self.routing
+        config = routing.config
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError as e:
+            return self._client_error(f"request body is not valid JSON: {e}", "invalid_body", fmt)
+        if not isinstance(payload, dict):
+            return self._client_error("request body must be a JSON object", "invalid_body", fmt)
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return self._client_error("request body has no 'model' string", "missing_model", fmt)
+        headers[config.model_name_header_key] = model
+
+        try:
+            decided = routing.route(headers)
+        except Exception as e:
+            return self._route_failed(e, model, fmt)
+        if not isinstance(decided, Decision):
+            return self._route_async(decided, started, fmt, config, path, headers, model, t, request_id)
+        return self._routed(decided, started, fmt, config, path, headers, model, t, request_id)
+
+    async def _route_async(
+        self,
+        pending: Awaitable[Decision],
+        started: float,
+        fmt: str,
+        config: Config,
+        path: str,
+        headers: dict[str, str],
+        model: str,
+        t: float,
+        request_id: str | None,
+    ) -> Response:
+        try:
+            decided = await asyncio.wait_for(pending, self.router_timeout)
+        except TimeoutError:
+            self.stats.requests["route", "router_timeout"] += 1
+            self.stats.plugin_errors["router_timeout"] += 1
+            resp = _error(504, f"router took longer than {self.router_timeout}s", "server_error", "router_timeout")
+            return self._answer_respond(resp, fmt)
+        except Exception as e:
+            return self._route_failed(e, model, fmt)
+        return self._routed(decided, started, fmt, config, path, headers, model, t, request_id)
+
+    def _client_error(self, message: str, code: str, fmt: str) -> Response:
+        self.stats.requests["route", code] += 1
+        return self._answer_respond(_error(400, message, "invalid_request_error", code), fmt)
+
+    def _route_failed(self, e: Exception, model: str, fmt: str) -> Response:
+        if isinstance(e, x.NoMatchingRuleError):
+            self.stats.requests["route", "no_match"] += 1
+            resp = _error(
+                404, f"no matching rule found for model {model!r}", "invalid_request_error", "model_not_found"
+            )
+        else:
+            self.stats.requests["route", "router_error"] += 1
+            self.stats.plugin_errors["router"] += 1
+            if isinstance(e, UnknownRuleError):
+                log.error("router error: %s", e)
+            else:
+                log.exception("custom router raised")
+            resp = _error(500, f"router failed: {type(e).__name__}: {e}", "server_error", "router_error")
+        return self._answer_respond(resp, fmt)
+
+    def _answer_respond(self, resp: Response, fmt: str) -> Response:
+        # An immediate response for the client travels inside a 200 answer to the filter.
+        directive = {
+            "respond": {"status": resp.status, "headers": {"content-type": resp.content_type}, "body": resp.body}
+        }
+        return Response(200, encode_body(directive, fmt), fmt)
+
+    def _routed(
+        self,
+        decided: Decision,
+        started: float,
+        fmt: str,
+        config: Config,
+        path: str,
+        headers: dict[str, str],
+        model: str,
+        t: float,
+        request_id: str | None,
+    ) -> Response:
+        rule, backend = decided.rule, decided.backend
+        attrs = {attr: headers[h] for h, attr in self.header_attributes if h in headers}
+        metrics = self._new_metrics()
+        if metrics is not None:
+            token = x._event_time.set(t)
+            try:
+                metrics.start_request(headers)
+                metrics.set_model(model)
+                if backend is not None:
+                    metrics.set_backend(backend)
+            except Exception:
+                self._metrics_failed()
+                metrics = None
+            finally:
+                x._event_time.reset(token)
+        key = self._id_prefix + str(next(self._ids))
+        if metrics is not None:
+            self._track(key, _InFlight(metrics, attrs, self.clock() + self.request_ttl))
+        set_headers = {
+            config.model_name_header_key: model,
+            config.selected_route_header_key: rule.name,
+            ORIGINAL_PATH_HEADER_KEY: path,
+        }
+        if backend is not None:
+            set_headers[SELECTED_BACKEND_HEADER_KEY] = backend.name
+        self.stats.requests["route", "cached" if decided.cached else "routed"] += 1
+        self._route_duration.record(time.perf_counter() - started)
+        return Response(200, encode_body({"set": set_headers, "id": key}, fmt), fmt)
+
+    def _new_metrics(self) -> x.ChatCompletionMetrics | None:
+        try:
+            return self.metrics_factory(self.meter)
+        except Exception:
+            self._metrics_failed()
+            return None
+
+    def _metrics_failed(self) -> None:
+        self.stats.plugin_errors["metrics"] += 1
+        log.exception("metrics plugin raised; the request goes on")
+
+    def _track(self, key: str, entry: _InFlight) -> None:
+        table = self.in_flight
+        table[key] = entry
+        self.expire(entry.expires - self.request_ttl)
+        while len(table) > self.max_in_flight:
+            table.popitem(last=False)
+            self.stats.evicted += 1
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop requests whose completion never came (client reset, lost call). Cheap: the table is in age order."""
+        now = self.clock() if now is None else now
+        table = self.in_flight
+        n = 0
+        while table:
+            first = next(iter(table.values()))
+            if first.expires > now:
+                break
+            table.popitem(last=False)
+            n += 1
+        self.stats.expired += n
+        return n
+
+    # --- /complete ------------------------------------------------------------------------------------------------
+
+    def complete(self, req: Request) -> Response:
+        decoded = self._message(req, "complete")
+        if isinstance(decoded, Response):
+            return decoded
+        msg, _ = decoded
+        try:
+            key = _field(msg, "id", str)
+            status = _field(msg, "status", int)
+            t_first = _field(msg, "t_first", int, required=False)
+            t_end = _field(msg, "t_end", int, required=False)
+            stream = bool(_field(msg, "stream", bool, required=False))
+            body = _field(msg, "body", (bytes, str), required=False) or b""
+            truncated = bool(_field(msg, "truncated", bool, required=False))
+        except BadMessage as e:
+            return self._reject(req, "complete", 400, str(e))
+        entry = self.in_flight.pop(key, None)
+        if entry is None:
+            self.stats.unknown_completions += 1
+            self.stats.requests["complete", "unknown_id"] += 1
+            return Response(204)
+        self.stats.requests["complete", "ok"] += 1
+        if isinstance(body, str):
+            body = body.encode()
+        end = t_end * _NS if t_end is not None else self.clock()
+        first = t_first * _NS if t_first is not None else None
+
+        def record() -> None:
+            self._record(entry, status, first, end, stream, body, truncated)
+
+        return Response(204, after=record)
+
+    def _record(
+        self, entry: _InFlight, status: int, first: float | None, end: float, stream: bool, body: bytes, truncated: bool
+    ) -> None:
+        m, attrs = entry.metrics, entry.attrs
+        success = 200 <= status < 300
+        usage = extract_usage(body, stream) if body and (stream or not truncated) else None
+        if success and usage is None:
+            self.stats.usage_missing += 1
+        try:
+            if stream and first is not None:
+                x._event_time.set(first)
+                m.record_token_latency(usage.output_tokens if usage is not None else 0, attrs or None)
+            x._event_time.set(end)
+            if usage is not None:
+                m.record_token_usage(usage.input_tokens, usage.output_tokens, usage.total_tokens, attrs or None)
+            m.record_request_completion(
+                success, attrs if success else {**attrs, ERROR_TYPE: str(status or "incomplete")}
+            )
+        except Exception:
+            self._metrics_failed()
+        finally:
+            x._event_time.set(None)
+
+    # --- /v1/models, /stats ---------------------------------------------------------------------------------------
+
+    def _models_body(self) -> bytes:
+        routing = self.routing
+        cached = self._models
+        if cached is not None and cached[0] == id(routing):
+            return cached[1]
+        config = routing.config
+        now = int(time.time())
+        data: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for rule in config.rules:
+            created = _unix(rule.models_created_at, now)
+            for h in rule.headers:
+                if h.name == config.model_name_header_key and h.type == "Exact" and h.value not in seen:
+                    seen.add(h.value)
+                    data.append(
+                        {"id": h.value, "object": "model", "created": created, "owned_by": rule.models_owned_by}
+                    )
+        body = orjson.dumps({"object": "list", "data": data})
+        self._models = (id(routing), body)
+        return body
+
+    def snapshot(self) -> dict[str, Any]:
+        s, routing = self.stats, self.routing
+        cache = routing.cache
+        by_endpoint: dict[str, dict[str, int]] = {}
+        for (endpoint, outcome), n in sorted(s.requests.items()):
+            by_endpoint.setdefault(endpoint, {})[outcome] = n
+        return {
+            "requests": by_endpoint,
+            "cache": {
+                "enabled": cache is not None,
+                "hits": cache.hits if cache else 0,
+                "misses": cache.misses if cache else 0,
+                "size": len(cache) if cache else 0,
+            },
+            "config": {
+                "generation": routing.generation,
+                "rules": len(routing.config.rules),
+                "custom_router": routing.custom,
+            },
+            "reloads": dict(s.reloads),
+            "plugin_errors": dict(s.plugin_errors),
+            "in_flight": len(self.in_flight),
+            "expired": s.expired,
+            "evicted": s.evicted,
+            "unknown_completions": s.unknown_completions,
+            "usage_missing": s.usage_missing,
+        }
+
+    def _register_observables(self) -> None:
+        m = self.meter
+
+        def requests(_: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {"endpoint": e, "outcome": o}) for (e, o), n in list(self.stats.requests.items())]
+
+        def cache(_: CallbackOptions) -> list[Observation]:
+            c = self.routing.cache
+            return [Observation(c.hits, {"result": "hit"}), Observation(c.misses, {"result": "miss"})] if c else []
+
+        def reloads(_: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {"result": r}) for r, n in list(self.stats.reloads.items())]
+
+        def plugin_errors(_: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {"plugin": p}) for p, n in list(self.stats.plugin_errors.items())]
+
+        def single(get: Callable[[], int]) -> Callable[[CallbackOptions], list[Observation]]:
+            return lambda _: [Observation(get())]
+
+        s = self.stats
+        m.create_observable_counter(
+            "ipc_router.requests", [requests], description="Sidecar requests by endpoint and outcome."
+        )
+        m.create_observable_counter("ipc_router.route_cache", [cache], description="Route cache lookups by result.")
+        m.create_observable_counter("ipc_router.config_reloads", [reloads], description="Config loads by result.")
+        m.create_observable_counter(
+            "ipc_router.plugin_errors", [plugin_errors], description="Errors raised by plugins."
+        )
+        m.create_observable_counter(
+            "ipc_router.usage_missing",
+            [single(lambda: s.usage_missing)],
+            description="Successful responses that carried no token usage.",
+        )
+        m.create_observable_counter(
+            "ipc_router.requests_expired",
+            [single(lambda: s.expired + s.evicted)],
+            description="Routed requests whose completion never arrived.",
+        )
+        m.create_observable_gauge(
+            "ipc_router.requests_in_flight",
+            [single(lambda: len(self.in_flight))],
+            description="Routed requests waiting for their completion.",
+        )
+        m.create_observable_gauge("ipc_router.config_generation", [single(lambda: self.routing.generation)],
+                                  description="How many configs have been loaded.")  # fmt: skip
+
+
+def _field(msg: Mapping[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
+    v = msg.get(key)
+    if v is None:
+        if required:
+            raise BadMessage(f"missing field {key!r}")
+        return None
+    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BadMessage(f"field {key!r} must be {names}, got {type(v).__name__}")
+    return v
+
+
+def _unix(iso: str | None, default: int) -> int:
+    if not iso:
+        return default
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        return default
