@@ -1,0 +1,944 @@
+-- ipc_router: the Envoy side of the ipc_router sidecar protocol (docs/protocol.md).
+--
+-- Loaded by the generated bootstrap as
+--
+--   package.preload["ipc_router"] = function(...) <this file> end
+--   local filter = require("ipc_router").new({ ...conf... })
+--   function envoy_on_request(handle) filter:on_request(handle) end
+--   function envoy_on_response(handle) filter:on_response(handle) end
+--
+-- Request phase: strip the route/backend headers a client may have sent; for LLM paths, buffer
+-- the body, POST it (msgpack) to the sidecar's /route, then apply the decision: `set` headers and
+-- re-match the route, or `respond` immediately; on any sidecar failure apply the failure policy.
+-- Response phase: for requests routed by us, stream the body through (never buffered by Envoy),
+-- keep a bounded copy (the tail for SSE), and fire an asynchronous POST /complete at the end.
+--
+-- Envoy facts this relies on (checked against Envoy 1.40):
+--   * wrappers such as handle:headers() die when the script yields (body(), httpCall(),
+--     bodyChunks()); they are fetched again after every yield.
+--   * httpCall(cluster, headers, body, {timeout_ms = n, asynchronous = bool}) returns the answer
+--     headers and body (nil when empty). A connect failure comes back as 503 and a timeout as 504,
+--     both with a text/plain body made by Envoy; an unknown cluster raises a Lua error.
+--   * yielding inside pcall() works (LuaJIT), so every step runs under pcall.
+--   * envoy_on_response also runs for respond() and direct responses; they carry no id here.
+--
+-- Monotonic time: clock_gettime(CLOCK_MONOTONIC) through the LuaJIT FFI, as a uint64 cdata in
+-- nanoseconds, encoded exactly (msgpack uint64). Decoded 64-bit integers become Lua numbers
+-- (exact up to 2^53). Without the FFI the times are left out and the sidecar uses its own clock.
+
+local type = type
+local pairs = pairs
+local pcall = pcall
+local error = error
+local tostring = tostring
+local tonumber = tonumber
+local setmetatable = setmetatable
+local getmetatable = getmetatable
+local require = require
+local str_byte = string.byte
+local str_char = string.char
+local str_sub = string.sub
+local str_find = string.find
+local str_lower = string.lower
+local str_format = string.format
+local str_gsub = string.gsub
+local tbl_concat = table.concat
+local math_floor = math.floor
+local math_huge = math.huge
+local math_frexp = math.frexp
+local math_ldexp = math.ldexp
+
+local _M = { _VERSION = "0.1.0" }
+
+local METADATA_NAMESPACE = "ipc_router"
+_M.METADATA_NAMESPACE = METADATA_NAMESPACE
+
+local MAX_DEPTH = 64
+local TWO32 = 4294967296
+local TWO52 = 4503599627370496
+local TWO53 = 9007199254740992
+local TWO63 = 9223372036854775808
+local TWO64 = 18446744073709551616
+
+-- FFI (LuaJIT): the monotonic clock and 64-bit integers. Everything works without it.
+local ffi
+do
+    local ok, mod = pcall(require, "ffi")
+    if ok then
+        ffi = mod
+    end
+end
+
+local now_ns = function() return nil end
+local uint64_t, int64_t
+if ffi then
+    uint64_t = ffi.typeof("uint64_t")
+    int64_t = ffi.typeof("int64_t")
+    -- cdef can run only once per Lua state (and another script may have declared these already).
+    pcall(ffi.cdef, "struct timespec { long tv_sec; long tv_nsec; };")
+    pcall(ffi.cdef, "int clock_gettime(int clk_id, struct timespec *tp);")
+    local ok_ts, ts = pcall(ffi.new, "struct timespec")
+    local ok_fn, clock_gettime = pcall(function() return ffi.C.clock_gettime end)
+    if ok_ts and ok_fn and pcall(clock_gettime, 1, ts) then
+        local NS_PER_S = uint64_t(1000000000)
+        local CLOCK_MONOTONIC = 1
+        now_ns = function()
+            clock_gettime(CLOCK_MONOTONIC, ts)
+            return ts.tv_sec * NS_PER_S + ts.tv_nsec
+        end
+    end
+end
+_M.now_ns = now_ns
+
+---------------------------------------------------------------------------------------------------
+-- msgpack
+---------------------------------------------------------------------------------------------------
+
+local bin_mt = { __metatable = "ipc_router.bin" }
+local array_mt = { __metatable = "ipc_router.array" }
+
+-- Marks a string to be encoded as msgpack bin (bodies); plain strings encode as str.
+function _M.bin(s)
+    return setmetatable({ s }, bin_mt)
+end
+
+-- Marks a table to be encoded as an array even when empty (elements 1..t.n or 1..#t).
+function _M.array(t)
+    return setmetatable(t or {}, array_mt)
+end
+
+local function be16(v)
+    return math_floor(v / 256), v % 256
+end
+
+local function be32(v)
+    local b0 = v % 256
+    v = (v - b0) / 256
+    local b1 = v % 256
+    v = (v - b1) / 256
+    local b2 = v % 256
+    return (v - b2) / 256, b2, b1, b0
+end
+
+local function enc_u64_parts(tag, hi, lo)
+    local a, b, c, d = be32(hi)
+    local e, f, g, h = be32(lo)
+    return str_char(tag, a, b, c, d, e, f, g, h)
+end
+
+local function enc_float64(v)
+    local sign = 0
+    if v < 0 or (v == 0 and 1 / v < 0) then
+        sign = 128
+        v = -v
+    end
+    if v ~= v then
+        return str_char(0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0)
+    elseif v == math_huge then
+        return str_char(0xcb, sign + 0x7f, 0xf0, 0, 0, 0, 0, 0, 0)
+    elseif v == 0 then
+        return str_char(0xcb, sign, 0, 0, 0, 0, 0, 0, 0)
+    end
+    local m, e = math_frexp(v) -- v = m * 2^e, 0.5 <= m < 1
+    local exp = e + 1022
+    local frac
+    if exp <= 0 then -- subnormal
+        exp = 0
+        frac = math_ldexp(v, 1074)
+    else
+        frac = (m * 2 - 1) * TWO52
+    end
+    local hi = math_floor(frac / TWO32)
+    local lo = frac - hi * TWO32
+    local _, h1, h2, h3 = be32(hi) -- hi < 2^20
+    local a, b, c, d = be32(lo)
+    return str_char(0xcb, sign + math_floor(exp / 16), (exp % 16) * 16 + h1, h2, h3, a, b, c, d)
+end
+
+local function enc_number(v)
+    if v == math_floor(v) and v >= -TWO63 and v < TWO64 and not (v == 0 and 1 / v < 0) then
+        if v >= 0 then
+            if v < 128 then
+                return str_char(v)
+            elseif v < 256 then
+                return str_char(0xcc, v)
+            elseif v < 65536 then
+                return str_char(0xcd, be16(v))
+            elseif v < TWO32 then
+                return str_char(0xce, be32(v))
+            end
+            local hi = math_floor(v / TWO32)
+            return enc_u64_parts(0xcf, hi, v - hi * TWO32)
+        end
+        if v >= -32 then
+            return str_char(v + 256)
+        elseif v >= -128 then
+            return str_char(0xd0, v + 256)
+        elseif v >= -32768 then
+            return str_char(0xd1, be16(v + 65536))
+        elseif v >= -2147483648 then
+            return str_char(0xd2, be32(v + TWO32))
+        end
+        local hi = math_floor(v / TWO32) -- in [-2^31, -1]
+        return enc_u64_parts(0xd3, hi + TWO32, v - hi * TWO32)
+    end
+    return enc_float64(v)
+end
+
+local function enc_cdata(v)
+    if not ffi then
+        return nil, "cannot encode cdata"
+    end
+    if ffi.istype(uint64_t, v) then
+        if v < TWO53 then
+            return enc_number(tonumber(v))
+        end
+        return enc_u64_parts(0xcf, tonumber(v / TWO32), tonumber(v % TWO32))
+    elseif ffi.istype(int64_t, v) then
+        if v < TWO53 and v > -TWO53 then
+            return enc_number(tonumber(v))
+        end
+        if v > 0 then
+            return enc_cdata(ffi.cast(uint64_t, v))
+        end
+        local u = ffi.cast(uint64_t, v) -- two's complement
+        return enc_u64_parts(0xd3, tonumber(u / TWO32), tonumber(u % TWO32))
+    end
+    return nil, "cannot encode cdata"
+end
+
+local function enc_len(len, fix_base, fix_max, tag16, tag32)
+    if len <= fix_max then
+        return str_char(fix_base + len)
+    elseif len < 65536 then
+        return str_char(tag16, be16(len))
+    elseif len < TWO32 then
+        return str_char(tag32, be32(len))
+    end
+    return nil, "too long"
+end
+
+local function enc_bytes(buf, n, s, is_bin)
+    local len = #s
+    local head
+    if is_bin then
+        if len < 256 then
+            head = str_char(0xc4, len)
+        else
+            head = enc_len(len, 0, -1, 0xc5, 0xc6)
+        end
+    elseif len < 32 then
+        head = str_char(0xa0 + len)
+    elseif len < 256 then
+        head = str_char(0xd9, len)
+    else
+        head = enc_len(len, 0, -1, 0xda, 0xdb)
+    end
+    if not head then
+        return nil, "string too long"
+    end
+    buf[n + 1] = head
+    if len == 0 then
+        return n + 1
+    end
+    buf[n + 2] = s
+    return n + 2
+end
+
+local encode_value
+
+local function enc_table(buf, n, t, depth)
+    local mt = getmetatable(t)
+    if mt == "ipc_router.bin" then
+        local s = t[1]
+        if type(s) ~= "string" then
+            return nil, "bin value is not a string"
+        end
+        return enc_bytes(buf, n, s, true)
+    end
+    if depth > MAX_DEPTH then
+        return nil, "nesting too deep"
+    end
+    local count = #t
+    local as_array = mt == "ipc_router.array"
+    if as_array then
+        count = tonumber(t.n) or count
+    elseif count > 0 then
+        -- An array when the keys are exactly 1..#t.
+        local keys = 0
+        for _ in pairs(t) do
+            keys = keys + 1
+        end
+        as_array = keys == count
+    end
+    local err
+    if as_array then
+        buf[n + 1], err = enc_len(count, 0x90, 15, 0xdc, 0xdd)
+        if err then
+            return nil, "array too long"
+        end
+        n = n + 1
+        for i = 1, count do
+            n, err = encode_value(buf, n, t[i], depth + 1)
+            if not n then
+                return nil, err
+            end
+        end
+        return n
+    end
+    local keys = 0
+    for _ in pairs(t) do
+        keys = keys + 1
+    end
+    buf[n + 1], err = enc_len(keys, 0x80, 15, 0xde, 0xdf)
+    if err then
+        return nil, "map too long"
+    end
+    n = n + 1
+    for k, v in pairs(t) do
+        n, err = encode_value(buf, n, k, depth + 1)
+        if not n then
+            return nil, err
+        end
+        n, err = encode_value(buf, n, v, depth + 1)
+        if not n then
+            return nil, err
+        end
+    end
+    return n
+end
+
+encode_value = function(buf, n, v, depth)
+    local tv = type(v)
+    local s, err
+    if tv == "string" then
+        return enc_bytes(buf, n, v, false)
+    elseif tv == "number" then
+        s = enc_number(v)
+    elseif tv == "table" then
+        return enc_table(buf, n, v, depth)
+    elseif v == nil then
+        s = "\192"
+    elseif v == true then
+        s = "\195"
+    elseif v == false then
+        s = "\194"
+    elseif tv == "cdata" then
+        s, err = enc_cdata(v)
+        if not s then
+            return nil, err
+        end
+    else
+        return nil, "cannot encode a " .. tv
+    end
+    buf[n + 1] = s
+    return n + 1
+end
+
+-- value -> msgpack string | nil, err
+function _M.msgpack_encode(value)
+    local buf = {}
+    local n, err = encode_value(buf, 0, value, 1)
+    if not n then
+        return nil, err
+    end
+    return tbl_concat(buf, "", 1, n)
+end
+
+local decode_value
+
+local function dec_float32(a, b, c, d)
+    local sign = a >= 128 and -1 or 1
+    local exp = (a % 128) * 2 + math_floor(b / 128)
+    local frac = (b % 128) * 65536 + c * 256 + d
+    if exp == 255 then
+        if frac == 0 then
+            return sign * math_huge
+        end
+        return 0 / 0
+    elseif exp == 0 then
+        return sign * math_ldexp(frac, -149)
+    end
+    return sign * math_ldexp(frac + 8388608, exp - 150)
+end
+
+local function dec_float64(a, b, c, d, e, f, g, h)
+    local sign = a >= 128 and -1 or 1
+    local exp = (a % 128) * 16 + math_floor(b / 16)
+    local frac = ((((((b % 16) * 256 + c) * 256 + d) * 256 + e) * 256 + f) * 256 + g) * 256 + h
+    if exp == 2047 then
+        if frac == 0 then
+            return sign * math_huge
+        end
+        return 0 / 0
+    elseif exp == 0 then
+        return sign * math_ldexp(frac, -1074)
+    end
+    return sign * math_ldexp(frac + TWO52, exp - 1075)
+end
+
+-- Reads an n-byte big-endian unsigned integer at pos (n <= 4).
+local function read_uint(s, pos, len, n)
+    if pos + n - 1 > len then
+        return nil
+    end
+    local a, b, c, d = str_byte(s, pos, pos + n - 1)
+    local v = a
+    if n >= 2 then
+        v = v * 256 + b
+    end
+    if n == 4 then
+        v = (v * 256 + c) * 256 + d
+    end
+    return v
+end
+
+local function dec_str(s, pos, len, n)
+    local last = pos + n - 1
+    if last > len then
+        return nil, "truncated"
+    end
+    return last + 1, str_sub(s, pos, last)
+end
+
+local function dec_array(s, pos, len, n, depth)
+    if n > len - pos + 1 then
+        return nil, "truncated"
+    end
+    local arr = {}
+    local v
+    for i = 1, n do
+        pos, v = decode_value(s, pos, len, depth + 1)
+        if not pos then
+            return nil, v
+        end
+        arr[i] = v
+    end
+    return pos, arr
+end
+
+local function dec_map(s, pos, len, n, depth)
+    if 2 * n > len - pos + 1 then
+        return nil, "truncated"
+    end
+    local map = {}
+    local k, v
+    for _ = 1, n do
+        pos, k = decode_value(s, pos, len, depth + 1)
+        if not pos then
+            return nil, k
+        end
+        if k == nil or k ~= k then
+            return nil, "invalid map key"
+        end
+        pos, v = decode_value(s, pos, len, depth + 1)
+        if not pos then
+            return nil, v
+        end
+        map[k] = v
+    end
+    return pos, map
+end
+
+-- Returns next_pos, value; or nil, err.
+decode_value = function(s, pos, len, depth)
+    if depth > MAX_DEPTH then
+        return nil, "nesting too deep"
+    end
+    if pos > len then
+        return nil, "truncated"
+    end
+    local b = str_byte(s, pos)
+    pos = pos + 1
+    if b < 0x80 then
+        return pos, b
+    elseif b >= 0xe0 then
+        return pos, b - 256
+    elseif b < 0x90 then
+        return dec_map(s, pos, len, b - 0x80, depth)
+    elseif b < 0xa0 then
+        return dec_array(s, pos, len, b - 0x90, depth)
+    elseif b < 0xc0 then
+        return dec_str(s, pos, len, b - 0xa0)
+    elseif b == 0xc0 then
+        return pos, nil
+    elseif b == 0xc2 then
+        return pos, false
+    elseif b == 0xc3 then
+        return pos, true
+    elseif b == 0xc4 or b == 0xd9 then
+        local n = read_uint(s, pos, len, 1)
+        if not n then
+            return nil, "truncated"
+        end
+        return dec_str(s, pos + 1, len, n)
+    elseif b == 0xc5 or b == 0xda then
+        local n = read_uint(s, pos, len, 2)
+        if not n then
+            return nil, "truncated"
+        end
+        return dec_str(s, pos + 2, len, n)
+    elseif b == 0xc6 or b == 0xdb then
+        local n = read_uint(s, pos, len, 4)
+        if not n then
+            return nil, "truncated"
+        end
+        return dec_str(s, pos + 4, len, n)
+    elseif b == 0xca then
+        if pos + 3 > len then
+            return nil, "truncated"
+        end
+        return pos + 4, dec_float32(str_byte(s, pos, pos + 3))
+    elseif b == 0xcb then
+        if pos + 7 > len then
+            return nil, "truncated"
+        end
+        return pos + 8, dec_float64(str_byte(s, pos, pos + 7))
+    elseif b == 0xcc or b == 0xd0 then
+        local v = read_uint(s, pos, len, 1)
+        if not v then
+            return nil, "truncated"
+        end
+        if b == 0xd0 and v >= 128 then
+            v = v - 256
+        end
+        return pos + 1, v
+    elseif b == 0xcd or b == 0xd1 then
+        local v = read_uint(s, pos, len, 2)
+        if not v then
+            return nil, "truncated"
+        end
+        if b == 0xd1 and v >= 32768 then
+            v = v - 65536
+        end
+        return pos + 2, v
+    elseif b == 0xce or b == 0xd2 then
+        local v = read_uint(s, pos, len, 4)
+        if not v then
+            return nil, "truncated"
+        end
+        if b == 0xd2 and v >= 2147483648 then
+            v = v - TWO32
+        end
+        return pos + 4, v
+    elseif b == 0xcf or b == 0xd3 then
+        if pos + 7 > len then
+            return nil, "truncated"
+        end
+        local hi = read_uint(s, pos, len, 4)
+        local lo = read_uint(s, pos + 4, len, 4)
+        if b == 0xd3 and hi >= 2147483648 then
+            hi = hi - TWO32
+        end
+        return pos + 8, hi * TWO32 + lo
+    elseif b == 0xdc or b == 0xdd then
+        local w = b == 0xdc and 2 or 4
+        local n = read_uint(s, pos, len, w)
+        if not n then
+            return nil, "truncated"
+        end
+        return dec_array(s, pos + w, len, n, depth)
+    elseif b == 0xde or b == 0xdf then
+        local w = b == 0xde and 2 or 4
+        local n = read_uint(s, pos, len, w)
+        if not n then
+            return nil, "truncated"
+        end
+        return dec_map(s, pos + w, len, n, depth)
+    elseif b == 0xc1 then
+        return nil, "invalid byte 0xc1"
+    end
+    -- 0xc7..0xc9 ext8/16/32, 0xd4..0xd8 fixext
+    return nil, "ext types are not supported"
+end
+
+-- msgpack string -> value | nil, err  (bin and str both decode to Lua strings)
+function _M.msgpack_decode(s)
+    if type(s) ~= "string" then
+        return nil, "not a string"
+    end
+    local len = #s
+    local pos, v = decode_value(s, 1, len, 1)
+    if not pos then
+        return nil, v
+    end
+    if pos <= len then
+        return nil, "trailing bytes"
+    end
+    return v
+end
+
+local msgpack_encode = _M.msgpack_encode
+local msgpack_decode = _M.msgpack_decode
+local bin = _M.bin
+
+---------------------------------------------------------------------------------------------------
+-- decisions (pure)
+---------------------------------------------------------------------------------------------------
+
+local function json_escape(s)
+    return (str_gsub(s, '[%c"\\]', function(c)
+        return str_format("\\u%04x", str_byte(c))
+    end))
+end
+
+local function is_str_map(t)
+    if type(t) ~= "table" then
+        return false
+    end
+    for k, v in pairs(t) do
+        if type(k) ~= "string" or type(v) ~= "string" then
+            return false
+        end
+    end
+    return true
+end
+
+-- The action for a sidecar failure: a 503 JSON answer (fail_closed) or the fallback route.
+function _M.failure_action(conf, reason)
+    if conf.failure_mode == "fail_open" then
+        return { action = "fallback", route = conf.fallback_route, reason = reason }
+    end
+    return {
+        action = "respond",
+        status = 503,
+        headers = { [":status"] = "503", ["content-type"] = "application/json" },
+        body = '{"error":{"message":"routing sidecar unavailable: ' .. json_escape(reason)
+            .. '","type":"server_error","code":"sidecar_unavailable"}}',
+        reason = reason,
+    }
+end
+local failure_action = _M.failure_action
+
+-- The /route answer (status as a string or number, raw body or nil) -> an action table:
+--   { action = "set", headers = {..}, id = str|nil }
+--   { action = "respond", status = n, headers = {..}, body = str }
+--   { action = "fallback", route = str, reason = str }     (fail_open)
+-- Failures carry `reason`, one of a fixed set of words (plus a status number).
+function _M.decide(status, body, conf)
+    status = tonumber(status)
+    if status ~= 200 then
+        local reason
+        if status == 504 then
+            reason = "timeout"
+        elseif status == 503 then
+            reason = "unreachable"
+        elseif status then
+            reason = "status " .. status
+        else
+            reason = "no answer"
+        end
+        return failure_action(conf, reason)
+    end
+    local answer = msgpack_decode(body or "")
+    if type(answer) ~= "table" then
+        return failure_action(conf, "bad answer")
+    end
+    local set, respond = answer.set, answer.respond
+    if set ~= nil and respond == nil then
+        if not is_str_map(set) then
+            return failure_action(conf, "bad answer")
+        end
+        local id = answer.id
+        return { action = "set", headers = set, id = type(id) == "string" and id or nil }
+    elseif respond ~= nil and set == nil and type(respond) == "table" then
+        local rstatus, rheaders, rbody = respond.status, respond.headers, respond.body
+        if type(rstatus) ~= "number" or rstatus ~= math_floor(rstatus) or rstatus < 200
+            or rstatus > 599 or (rheaders ~= nil and not is_str_map(rheaders))
+            or (rbody ~= nil and type(rbody) ~= "string") then
+            return failure_action(conf, "bad answer")
+        end
+        local out = {}
+        if rheaders then
+            for k, v in pairs(rheaders) do
+                if str_byte(k, 1) ~= 58 then -- drop pseudo-headers; ":status" is ours
+                    out[k] = v
+                end
+            end
+        end
+        out[":status"] = tostring(rstatus)
+        return { action = "respond", status = rstatus, headers = out, body = rbody or "" }
+    end
+    return failure_action(conf, "bad answer")
+end
+local decide = _M.decide
+
+---------------------------------------------------------------------------------------------------
+-- configuration
+---------------------------------------------------------------------------------------------------
+
+local DEFAULTS = {
+    cluster = "ipc_router_sidecar",
+    authority = "ipc-router",
+    timeout_ms = 250,
+    complete_timeout_ms = 2000,
+    failure_mode = "fail_closed",
+    fallback_route = false, -- false: unset
+    route_header = "x-ai-eg-selected-route",
+    backend_header = "x-ai-eg-selected-backend",
+    llm_paths = false, -- false: { "/v1/chat/completions" }
+    max_response_body = 1048576,
+    stream_tail_bytes = 16384,
+}
+
+local function check_string(conf, key)
+    local v = conf[key]
+    if type(v) ~= "string" or v == "" then
+        error("ipc_router: conf." .. key .. " must be a non-empty string", 3)
+    end
+end
+
+local function check_int(conf, key, min)
+    local v = conf[key]
+    if type(v) ~= "number" or v ~= math_floor(v) or v < min or v >= TWO53 then
+        error("ipc_router: conf." .. key .. " must be an integer >= " .. min, 3)
+    end
+end
+
+local mt = {}
+mt.__index = mt
+
+-- conf (all optional) -> filter object with :on_request(handle) and :on_response(handle).
+function _M.new(conf)
+    if conf ~= nil and type(conf) ~= "table" then
+        error("ipc_router: conf must be a table", 2)
+    end
+    local c = {}
+    for k, v in pairs(conf or {}) do
+        if DEFAULTS[k] == nil then
+            error("ipc_router: unknown conf key " .. tostring(k), 2)
+        end
+        c[k] = v
+    end
+    for k, v in pairs(DEFAULTS) do
+        if c[k] == nil and v ~= false then
+            c[k] = v
+        end
+    end
+    check_string(c, "cluster")
+    check_string(c, "authority")
+    check_string(c, "route_header")
+    check_string(c, "backend_header")
+    check_int(c, "timeout_ms", 1)
+    check_int(c, "complete_timeout_ms", 0)
+    check_int(c, "max_response_body", 0)
+    check_int(c, "stream_tail_bytes", 0)
+    if c.failure_mode ~= "fail_closed" and c.failure_mode ~= "fail_open" then
+        error('ipc_router: conf.failure_mode must be "fail_closed" or "fail_open"', 2)
+    end
+    if c.failure_mode == "fail_open" then
+        check_string(c, "fallback_route")
+    elseif c.fallback_route ~= nil and type(c.fallback_route) ~= "string" then
+        error("ipc_router: conf.fallback_route must be a string", 2)
+    end
+    c.route_header = str_lower(c.route_header)
+    c.backend_header = str_lower(c.backend_header)
+
+    local paths = {}
+    local llm_paths = c.llm_paths or { "/v1/chat/completions" }
+    if type(llm_paths) ~= "table" then
+        error("ipc_router: conf.llm_paths must be a list of strings", 2)
+    end
+    for _, p in pairs(llm_paths) do
+        if type(p) ~= "string" then
+            error("ipc_router: conf.llm_paths must be a list of strings", 2)
+        end
+        paths[p] = true
+    end
+
+    -- Immutable tables handed to every httpCall (Envoy only reads them).
+    local self = {
+        conf = c,
+        paths = paths,
+        route_headers = {
+            [":method"] = "POST",
+            [":path"] = "/route",
+            [":authority"] = c.authority,
+            ["content-type"] = "application/msgpack",
+        },
+        route_options = { timeout_ms = c.timeout_ms },
+        complete_headers = {
+            [":method"] = "POST",
+            [":path"] = "/complete",
+            [":authority"] = c.authority,
+            ["content-type"] = "application/msgpack",
+        },
+        complete_options = { asynchronous = true, timeout_ms = c.complete_timeout_ms },
+    }
+    return setmetatable(self, mt)
+end
+
+---------------------------------------------------------------------------------------------------
+-- request phase
+---------------------------------------------------------------------------------------------------
+
+-- Request headers as a map; repeated headers joined with "," (cookies with "; ").
+-- Takes an iterator triple: header_map(pairs(handle:headers())).
+local function header_map(iter, state, ctl)
+    local map = {}
+    for k, v in iter, state, ctl do
+        local prev = map[k]
+        if prev then
+            map[k] = prev .. (k == "cookie" and "; " or ",") .. v
+        else
+            map[k] = v
+        end
+    end
+    return map
+end
+_M.header_map = header_map
+
+-- Applies an action from decide()/failure_action(). May not return (respond() yields for good).
+local function apply(self, handle, action)
+    local kind = action.action
+    if action.reason then
+        handle:logWarn("ipc_router: routing sidecar unavailable: " .. action.reason
+            .. (kind == "fallback" and " (fail_open)" or " (fail_closed)"))
+    end
+    if kind == "set" then
+        local headers = handle:headers()
+        for k, v in pairs(action.headers) do
+            headers:replace(k, v)
+        end
+        handle:clearRouteCache()
+        if action.id then
+            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "id", action.id)
+        end
+    elseif kind == "respond" then
+        handle:respond(action.headers, action.body)
+    elseif kind == "fallback" then
+        handle:headers():replace(self.conf.route_header, action.route)
+        handle:clearRouteCache()
+    end
+end
+
+local function route(self, handle, headers, path)
+    local t = now_ns()
+    local map = header_map(pairs(headers)) -- before the body() yield: `headers` dies with it
+    local body = handle:body()
+    local raw = body and body:getBytes(0, body:length()) or ""
+    local payload, err = msgpack_encode({
+        id = map["x-request-id"],
+        t = t,
+        path = path,
+        headers = map,
+        body = bin(raw),
+    })
+    if not payload then
+        return failure_action(self.conf, "encode error"), err
+    end
+    local answer_headers, answer_body =
+        handle:httpCall(self.conf.cluster, self.route_headers, payload, self.route_options)
+    return decide(answer_headers and answer_headers[":status"], answer_body, self.conf)
+end
+
+function mt:on_request(handle)
+    local conf = self.conf
+    local headers = handle:headers()
+    -- A client must never pick its own backend.
+    if headers:get(conf.route_header) then
+        headers:remove(conf.route_header)
+    end
+    if headers:get(conf.backend_header) then
+        headers:remove(conf.backend_header)
+    end
+    local path = headers:get(":path")
+    if not path then
+        return
+    end
+    local q = str_find(path, "?", 1, true)
+    if not self.paths[q and str_sub(path, 1, q - 1) or path] then
+        return
+    end
+    local ok, action, err = pcall(route, self, handle, headers, path)
+    if not ok then
+        err = action
+        action = failure_action(conf, "internal error")
+    end
+    if err then
+        handle:logErr("ipc_router: " .. tostring(err))
+    end
+    ok, err = pcall(apply, self, handle, action)
+    if not ok then
+        handle:logErr("ipc_router: " .. tostring(err))
+        if action.action ~= "respond" or action.reason == nil then
+            apply(self, handle, failure_action(conf, "internal error"))
+        end
+    end
+end
+
+---------------------------------------------------------------------------------------------------
+-- response phase
+---------------------------------------------------------------------------------------------------
+
+function mt:on_response(handle)
+    local md = handle:streamInfo():dynamicMetadata():get(METADATA_NAMESPACE)
+    local id = md and md.id
+    if type(id) ~= "string" then
+        return
+    end
+    local conf = self.conf
+    local headers = handle:headers()
+    local status = tonumber(headers:get(":status"))
+    local ctype = headers:get("content-type")
+    local stream = ctype ~= nil and str_find(str_lower(ctype), "text/event-stream", 1, true) == 1
+    local limit = stream and conf.stream_tail_bytes or conf.max_response_body
+
+    -- Keep the last `limit` bytes: parts[first..n], total bytes in them.
+    local parts, first, n, total = {}, 1, 0, 0
+    local truncated = false
+    local t_first
+    for chunk in handle:bodyChunks() do
+        local len = chunk:length()
+        if len > 0 then
+            if not t_first then
+                t_first = now_ns()
+            end
+            if len >= limit then
+                truncated = truncated or len > limit or total > 0
+                if limit > 0 then
+                    parts, first, n, total = { chunk:getBytes(len - limit, limit) }, 1, 1, limit
+                else
+                    parts, first, n, total = {}, 1, 0, 0
+                end
+            else
+                n = n + 1
+                parts[n] = chunk:getBytes(0, len)
+                total = total + len
+                while total - #parts[first] >= limit do
+                    total = total - #parts[first]
+                    parts[first] = nil
+                    first = first + 1
+                    truncated = true
+                end
+            end
+        end
+    end
+    local t_end = now_ns()
+
+    local kept = n >= first and tbl_concat(parts, "", first, n) or ""
+    if #kept > limit then
+        kept = str_sub(kept, -limit)
+        truncated = true
+    end
+    local payload, err = msgpack_encode({
+        id = id,
+        status = status,
+        t_first = t_first,
+        t_end = t_end,
+        stream = stream,
+        body = bin(kept),
+        truncated = truncated,
+    })
+    if payload then
+        local ok
+        ok, err = pcall(handle.httpCall, handle, conf.cluster, self.complete_headers, payload,
+            self.complete_options)
+        if ok then
+            return
+        end
+    end
+    handle:logWarn("ipc_router: /complete not sent: " .. tostring(err))
+end
+
+return _M

@@ -336,7 +336,8 @@ class _Reader:
                 port = u.port
             except ValueError:
                 port = None
-            if u.scheme not in ("http", "https") or not u.hostname or port is None or u.path not in ("", "/"):
+            extra = u.query or u.fragment or u.username or u.password or u.path not in ("", "/")
+            if u.scheme not in ("http", "https") or not u.hostname or not port or extra:
                 raise self.fail(f"{path}.endpoint", f"expected http://host:port or https://host:port, got {endpoint!r}")
         auth = m.get("auth")
         if auth is not None:

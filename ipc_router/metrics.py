@@ -115,7 +115,7 @@ class DefaultChatCompletionMetrics:
         self._start = 0.0
         self._model = ""
         self._provider = ""
-        self._attrs: dict[str, Any] = {}
+        self._attrs: dict[str, Any] = {OPERATION_NAME: "chat"}
         self._first_token: float | None = None
         self._tokens = 0
         self._completed = False
@@ -235,6 +235,10 @@ class UsageScanner:
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data: "):
+            return
+        # Most events carry no usage, or "usage": null; skip them without parsing JSON.
+        at = line.find(b'"usage"')
+        if at < 0 or line[at + 7 :].lstrip(b" \t:").startswith(b"null"):
             return
         payload = line[6:].strip()
         if not payload or payload == b"[DONE]":

@@ -107,7 +107,7 @@ class Connection:
         call are available as ``error.completed``.
         """
         if self._error is not None:
-            raise self._error
+            raise ProtocolError(self._error.status, self._error.message)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -159,6 +159,8 @@ class Connection:
 
     def on_message_complete(self) -> None:
         p = self._parser
+        if p.should_upgrade():
+            return  # llhttp completes the upgrade request before raising HttpParserUpgrade: it gets the 400
         url = self._url
         q = url.find(b"?")
         path = (url if q < 0 else url[:q]).decode("latin-1")

@@ -121,7 +121,7 @@ class WeightedPicker:
             only = live[0]
             self._next = lambda: only
         elif total <= self.MAX_CYCLE:
-            self._next = itertools.cycle(_smooth_wrr(live, weights)).__next__
+            self._next = itertools.cycle(tuple(_smooth_wrr(live, weights))).__next__
         else:
             cumulative = list(itertools.accumulate(weights))
             rnd = random.random
