@@ -140,6 +140,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             admin=args.admin,
             failure_mode=args.failure_mode,
             fallback_route=args.fallback_route,
+            passthrough=args.passthrough,
         )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--admin", help="HOST:PORT for Envoy's admin interface")
     envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed")
     envoy.add_argument("--fallback-route", help="rule used by fail_open when the sidecar is unavailable")
+    envoy.add_argument("--passthrough", help="http://host:port for requests no rule takes (default: JSON 404)")
     envoy.set_defaults(func=_envoy_config)
     return parser
 

@@ -58,7 +58,7 @@ class Stack:
     metrics: str | None = None
     failure_mode: str = "fail_closed"
     fallback_route: str | None = None
-    #: Backend that receives requests ipc_router does not route (non-LLM paths).
+    #: ``http://host:port`` that receives requests ipc_router does not route (non-LLM paths).
     passthrough: str | None = None
     sidecar_args: Sequence[str] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -126,7 +126,7 @@ class Stack:
             admin=f"127.0.0.1:{self.admin_port}",
             failure_mode=self.failure_mode,
             fallback_route=self.fallback_route,
-            passthrough_backend=self.passthrough,
+            passthrough=self.passthrough,
         )
         return render(doc)
 

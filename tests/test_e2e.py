@@ -37,7 +37,7 @@ def rules() -> list[dict[str, object]]:
 @pytest.fixture(scope="module")
 def stack(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = write_config(tmp_path_factory.mktemp("cfg") / "config.yaml", rules(), backends)
-    with Stack(str(cfg), router=ROUTER, passthrough="other") as s:
+    with Stack(str(cfg), router=ROUTER, passthrough=f"http://127.0.0.1:{backends['other'].port}") as s:
         yield s
 
 
@@ -131,11 +131,15 @@ def test_large_request_body(stack: Stack, backends: Backends) -> None:
 
 
 def test_config_edit_changes_decision_without_restart(backends: Backends, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "config.yaml", [model_rule("m", "model-x", "a")], backends)
+    # Envoy's routes and clusters come from the bootstrap; the sidecar's config decides among them. Moving a model
+    # to another existing rule (or re-weighting) needs no Envoy change.
+    cfg = write_config(
+        tmp_path / "config.yaml", [model_rule("m", "model-x", "a"), model_rule("n", "model-y", "b")], backends
+    )
     with Stack(str(cfg)) as s:
         assert request(s.url, "/v1/chat/completions", chat("model-x")).headers["x-mock-backend"] == "a"
         envoy_pid = s.envoy.pid if s.envoy else None
-        write_config(cfg, [model_rule("m", "model-x", "b"), model_rule("n", "model-y", "c")], backends)
+        write_config(cfg, [model_rule("m", "model-q", "a"), model_rule("n", "model-x", "b")], backends)
         t0 = time.monotonic()
 
         def moved() -> bool:
