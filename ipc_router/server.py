@@ -252,6 +252,7 @@ class Sidecar:
         while True:
             await asyncio.sleep(self.settings.reload_interval)
             self.service.expire()
+            self.service.flush()
             stamp = _stamp(self.settings.config)
             if stamp != self._config_stamp:
                 self._config_stamp = stamp
@@ -285,6 +286,7 @@ class Sidecar:
             await asyncio.sleep(0.01)
         for c in list(self.connections):
             c.close()
+        self.service.flush()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.settings.socket)
         self._server = None
