@@ -73,7 +73,6 @@ _SYSTEM_CA_FILES = (
     "/etc/ssl/ca-bundle.pem",  # openSUSE
     "/etc/ssl/cert.pem",  # macOS, Alpine, BSDs
 )
-_LUA_RESOURCE = ("envoy", "ipc_router.lua")
 
 _TYPE = "@type"
 _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -91,24 +90,12 @@ class EnvoyConfigError(ValueError):
 
 
 def lua_filter_source() -> str:
-    """The text of the Lua module ``ipc_router.lua``.
-
-    Looked up first as package data (``ipc_router/envoy/ipc_router.lua``, where the wheel carries it), then as
-    ``envoy/ipc_router.lua`` beside the package directory (a source checkout or an editable install).
-    """
+    """The text of the Lua module: ``ipc_router/ipc_router.lua``, package data (in a checkout, a symlink to
+    ``envoy/ipc_router.lua``; in a wheel, the file itself)."""
     try:
-        packaged = resources.files("ipc_router").joinpath(*_LUA_RESOURCE)
-        if packaged.is_file():
-            return packaged.read_text(encoding="utf-8")
-    except (FileNotFoundError, NotADirectoryError, ModuleNotFoundError):
-        pass
-    checkout = Path(__file__).resolve().parent.parent.joinpath(*_LUA_RESOURCE)
-    if checkout.is_file():
-        return checkout.read_text(encoding="utf-8")
-    raise EnvoyConfigError(
-        "cannot find the Lua filter ipc_router.lua: neither the package data ipc_router/envoy/ipc_router.lua "
-        f"nor {checkout} exists; reinstall ipc_router or pass the Lua source explicitly"
-    )
+        return resources.files("ipc_router").joinpath("ipc_router.lua").read_text(encoding="utf-8")
+    except OSError as e:
+        raise EnvoyConfigError(f"cannot read the Lua filter ipc_router.lua from the package: {e}") from e
 
 
 # fmt: off

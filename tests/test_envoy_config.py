@@ -572,6 +572,12 @@ def test_lua_filter_source_reads_the_repo_file() -> None:
     assert lua_filter_source() == LUA_FILE.read_text(encoding="utf-8")
 
 
+def test_package_lua_is_the_envoy_lua() -> None:
+    # The wheel carries ipc_router/ipc_router.lua; in the checkout it is a link to envoy/ipc_router.lua.
+    packaged = ROOT / "ipc_router" / "ipc_router.lua"
+    assert packaged.is_symlink() and packaged.resolve() == LUA_FILE.resolve()
+
+
 def test_lua_filter_source_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     class NoResources:
         @staticmethod
@@ -579,16 +585,11 @@ def test_lua_filter_source_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
             return tmp_path / "site-packages" / package
 
     monkeypatch.setattr(envoy_config, "resources", NoResources)
-    monkeypatch.setattr(envoy_config, "__file__", str(tmp_path / "src" / "ipc_router" / "envoy_config.py"))
-    with pytest.raises(EnvoyConfigError, match="cannot find the Lua filter"):
+    with pytest.raises(EnvoyConfigError, match="cannot read the Lua filter"):
         lua_filter_source()
-    (tmp_path / "src" / "envoy").mkdir(parents=True)
-    (tmp_path / "src" / "envoy" / "ipc_router.lua").write_text("-- checkout\n")
-    assert lua_filter_source() == "-- checkout\n"
-    packaged = tmp_path / "site-packages" / "ipc_router" / "envoy"
-    packaged.mkdir(parents=True)
-    (packaged / "ipc_router.lua").write_text("-- packaged\n")
-    assert lua_filter_source() == "-- packaged\n"  # package data wins
+    (tmp_path / "site-packages" / "ipc_router").mkdir(parents=True)
+    (tmp_path / "site-packages" / "ipc_router" / "ipc_router.lua").write_text("-- packaged\n")
+    assert lua_filter_source() == "-- packaged\n"
 
 
 # ------------------------------------------------------------------------------------------ Envoy validate

@@ -1,0 +1,1 @@
+../envoy/ipc_router.lua
