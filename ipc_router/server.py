@@ -14,9 +14,11 @@ import signal
 import socket
 import stat
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
+
+import orjson
 
 from ipc_router import x
 from ipc_router.filterapi import Config, ConfigError, default_config, load_config
@@ -27,6 +29,7 @@ from ipc_router.protocol import (
     JSON,
     Connection,
     ProtocolError,
+    Request,
     encode_response,
 )
 from ipc_router.router import Routing
@@ -77,14 +80,18 @@ def load_routing(
 
 
 class _SidecarProtocol(asyncio.Protocol):
-    __slots__ = ("_closing", "_conn", "_pending", "_server", "_transport")
+    """One connection. Answers go out in request order; the answers to one read are written together."""
+
+    __slots__ = ("_after", "_closing", "_conn", "_out", "_pending", "_server", "_transport")
 
     def __init__(self, server: Sidecar) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
         self._conn = Connection(server.settings.max_header, server.settings.max_body)
-        # Answers not yet written, in request order: bytes, or a task still computing one.
-        self._pending: deque[bytes | asyncio.Task[Response]] = deque()
+        # Answers waiting behind an async one, in request order: bytes, or (task, keep_alive).
+        self._pending: deque[bytes | tuple[asyncio.Task[Response], bool]] = deque()
+        self._out: list[bytes] = []
+        self._after: list[Callable[[], None]] = []
         self._closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -94,93 +101,91 @@ class _SidecarProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         for item in self._pending:
-            if isinstance(item, asyncio.Task):
-                item.cancel()
+            if isinstance(item, tuple):
+                item[0].cancel()
         self._pending.clear()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # framing was lost or the client said close: nothing more is read
         try:
             requests = self._conn.feed(data)
         except ProtocolError as e:
             for req in e.completed:
                 self._answer(req)
-            self._queue(encode_response(e.status, f'{{"error":"{e.message}"}}'.encode(), JSON, keep_alive=False))
-            self._close_after_flush()
-            return
-        for req in requests:
-            self._answer(req)
-            if not req.keep_alive:
-                self._close_after_flush()
-                return
+            self._emit(encode_response(e.status, orjson.dumps({"error": e.message}), JSON, keep_alive=False))
+            self._closing = True
+        else:
+            for req in requests:
+                self._answer(req)
+                if not req.keep_alive:
+                    self._closing = True
+                    break
+        self._write_out()
 
-    def _answer(self, req: Any) -> None:
+    def _answer(self, req: Request) -> None:
         try:
             result = self._server.service.handle(req)
         except Exception:  # the service guards plugins itself; this is a bug in ipc_router, but we keep serving
             log.exception("internal error handling %s %s", req.method, req.path)
-            self._queue(encode_response(500, b'{"error":"internal error"}', JSON, req.keep_alive))
+            self._emit(encode_response(500, b'{"error":"internal error"}', JSON, req.keep_alive))
             return
         if isinstance(result, Response):
-            self._queue(encode_response(result.status, result.body, result.content_type, req.keep_alive))
+            self._emit(encode_response(result.status, result.body, result.content_type, req.keep_alive))
             if result.after is not None:
-                self._run_after(result)
+                self._after.append(result.after)
             return
-        task = asyncio.ensure_future(self._finish(result))
+        task = asyncio.ensure_future(_await(result))
         self._server.tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._pending.append(task)
+        self._pending.append((task, req.keep_alive))
 
-    async def _finish(self, pending: Awaitable[Response]) -> Response:
-        return await pending
+    def _emit(self, data: bytes) -> None:
+        (self._pending if self._pending else self._out).append(data)
+
+    def _write_out(self) -> None:
+        transport = self._transport
+        if transport is None:
+            return
+        if self._out:
+            out, self._out = self._out, []
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if self._after:
+            after, self._after = self._after, []
+            for fn in after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("error after answering")
+        if self._closing and not self._pending:
+            transport.close()
 
     def _task_done(self, task: asyncio.Task[Response]) -> None:
         self._server.tasks.discard(task)
-        self._flush()
-
-    def _run_after(self, result: Response) -> None:
-        try:
-            assert result.after is not None
-            result.after()
-        except Exception:
-            log.exception("error after answering")
-
-    def _queue(self, data: bytes) -> None:
-        if self._pending:
-            self._pending.append(data)
-            self._flush()
-        elif self._transport is not None:
-            self._transport.write(data)
-
-    def _flush(self) -> None:
-        pending, transport = self._pending, self._transport
-        while pending and transport is not None:
+        pending = self._pending
+        while pending:
             head = pending[0]
             if isinstance(head, bytes):
                 pending.popleft()
-                transport.write(head)
+                self._out.append(head)
                 continue
-            if not head.done():
-                return
+            task, keep_alive = head
+            if not task.done():
+                break
             pending.popleft()
-            if head.cancelled():
+            if task.cancelled():
                 continue
-            exc = head.exception()
+            exc = task.exception()
             if exc is not None:
                 log.error("internal error in async route", exc_info=exc)
-                transport.write(encode_response(500, b'{"error":"internal error"}', JSON))
+                self._out.append(encode_response(500, b'{"error":"internal error"}', JSON, keep_alive))
                 continue
-            result = head.result()
-            transport.write(encode_response(result.status, result.body, result.content_type))
+            result = task.result()
+            self._out.append(encode_response(result.status, result.body, result.content_type, keep_alive))
             if result.after is not None:
-                self._run_after(result)
-        if not pending and self._closing and transport is not None:
-            transport.close()
-
-    def _close_after_flush(self) -> None:
-        self._closing = True
-        if not self._pending and self._transport is not None:
-            self._transport.close()
+                self._after.append(result.after)
+        self._write_out()
 
     def idle(self) -> bool:
         return not self._pending
@@ -188,6 +193,10 @@ class _SidecarProtocol(asyncio.Protocol):
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
+
+
+async def _await(pending: Awaitable[Response]) -> Response:
+    return await pending
 
 
 class Sidecar:

@@ -115,7 +115,7 @@ class Service:
         self.in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
-        self._models: tuple[int, bytes] | None = None
+        self._models: tuple[Routing, bytes] | None = None
         self._route_duration = self.meter.create_histogram(
             "ipc_router.route.duration", unit="s", description="Time the sidecar spent deciding one route.",
             explicit_bucket_boundaries_advisory=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5),
@@ -181,7 +181,12 @@ class Service:
         except BadMessage as e:
             return self._reject(req, "route", 400, str(e))
         if fmt == JSON:
-            headers = {str(k).lower(): str(v) for k, v in headers.items()}
+            headers = {str(k).lower(): v for k, v in headers.items()}
+        for v in headers.values():
+            if v.__class__ is not str:
+                return self._reject(
+                    req, "route", 400, f"field 'headers' must map names to strings, got a {type(v).__name__}"
+                )
         t = t_ns * _NS if t_ns is not None else self.clock()
 
         routing = self.routing
@@ -398,7 +403,7 @@ class Service:
     def _models_body(self) -> bytes:
         routing = self.routing
         cached = self._models
-        if cached is not None and cached[0] == id(routing):
+        if cached is not None and cached[0] is routing:
             return cached[1]
         config = routing.config
         now = int(time.time())
@@ -413,7 +418,7 @@ class Service:
                         {"id": h.value, "object": "model", "created": created, "owned_by": rule.models_owned_by}
                     )
         body = orjson.dumps({"object": "list", "data": data})
-        self._models = (id(routing), body)
+        self._models = (routing, body)
         return body
 
     def snapshot(self) -> dict[str, Any]:

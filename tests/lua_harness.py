@@ -180,7 +180,7 @@ def new_runtime() -> Any:
 
 def loader_code(module_text: str) -> str:
     """The loader the bootstrap generator emits (see envoy/ipc_router.lua's header)."""
-    return 'package.preload["ipc_router"] = function(...) ' + module_text + '\nend\n'
+    return 'package.preload["ipc_router"] = function(...) ' + module_text + "\nend\n"
 
 
 class Lua:

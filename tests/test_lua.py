@@ -34,11 +34,42 @@ def test_runtime_is_luajit_with_ffi(lua: Lua) -> None:
 # --------------------------------------------------------------------------------------------- codec
 
 INT_BOUNDARIES = [
-    0, 1, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**53 - 1, 2**53,
-    -1, -32, -33, -128, -129, -32768, -32769, -(2**31), -(2**31) - 1, -(2**53),
+    0,
+    1,
+    127,
+    128,
+    255,
+    256,
+    65535,
+    65536,
+    2**32 - 1,
+    2**32,
+    2**53 - 1,
+    2**53,
+    -1,
+    -32,
+    -33,
+    -128,
+    -129,
+    -32768,
+    -32769,
+    -(2**31),
+    -(2**31) - 1,
+    -(2**53),
 ]
-FLOATS = [0.5, -2.25, 0.1, 1e300, -1e-300, 5e-324, 2.2250738585072014e-308, 1.7976931348623157e308,
-          123456.789, float("inf"), float("-inf")]
+FLOATS = [
+    0.5,
+    -2.25,
+    0.1,
+    1e300,
+    -1e-300,
+    5e-324,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    123456.789,
+    float("inf"),
+    float("-inf"),
+]
 SIZES = [0, 1, 31, 32, 255, 256, 65535, 65536]
 
 
@@ -143,7 +174,13 @@ def test_plain_lua_tables(lua: Lua) -> None:
         return M.msgpack_encode({ {}, {1, 2}, {a = 1}, {[1] = 1, [3] = 3}, M.array(), "s", M.bin("b") })
     """)
     assert msgpack.unpackb(enc, raw=False, strict_map_key=False) == [
-        {}, [1, 2], {"a": 1}, {1: 1, 3: 3}, [], "s", b"b",
+        {},
+        [1, 2],
+        {"a": 1},
+        {1: 1, 3: 3},
+        [],
+        "s",
+        b"b",
     ]
 
 
@@ -175,8 +212,9 @@ def test_special_floats(lua: Lua) -> None:
     neg_zero = msgpack.unpackb(lua_encode(lua, -0.0))
     assert neg_zero == 0 and math.copysign(1, neg_zero) == -1
     # lupa turns an integral double into a Python int, so look at the sign inside Lua.
-    is_neg_zero = lua.rt.execute(b"local v = require('ipc_router').msgpack_decode(...); "
-                                 b"return v == 0 and 1 / v < 0", msgpack.packb(-0.0))
+    is_neg_zero = lua.rt.execute(
+        b"local v = require('ipc_router').msgpack_decode(...); return v == 0 and 1 / v < 0", msgpack.packb(-0.0)
+    )
     assert is_neg_zero is True
 
 
@@ -216,23 +254,26 @@ def test_truncated_input_is_an_error(lua: Lua, value: Any) -> None:
     assert py(lua_decode(lua, data)) == norm(value)
 
 
-@pytest.mark.parametrize("data", [
-    msgpack.packb(msgpack.ExtType(1, b"x")),  # fixext1
-    msgpack.packb(msgpack.ExtType(1, b"xx")),  # fixext2
-    msgpack.packb(msgpack.ExtType(1, b"x" * 4)),
-    msgpack.packb(msgpack.ExtType(1, b"x" * 8)),
-    msgpack.packb(msgpack.ExtType(1, b"x" * 16)),
-    msgpack.packb(msgpack.ExtType(1, b"x" * 3)),  # ext8
-    msgpack.packb(msgpack.ExtType(1, b"x" * 300)),  # ext16
-    msgpack.packb({"a": [msgpack.ExtType(5, b"")]}),
-    b"\xc1",
-    b"",
-    msgpack.packb(1) + b"\x00",  # trailing bytes
-    msgpack.packb({"a": 1}) + msgpack.packb({"b": 2}),
-    b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G elements
-    b"\x81\xc0\x01",  # nil map key
-    b"\x91" * 100 + b"\x00",  # nesting too deep
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        msgpack.packb(msgpack.ExtType(1, b"x")),  # fixext1
+        msgpack.packb(msgpack.ExtType(1, b"xx")),  # fixext2
+        msgpack.packb(msgpack.ExtType(1, b"x" * 4)),
+        msgpack.packb(msgpack.ExtType(1, b"x" * 8)),
+        msgpack.packb(msgpack.ExtType(1, b"x" * 16)),
+        msgpack.packb(msgpack.ExtType(1, b"x" * 3)),  # ext8
+        msgpack.packb(msgpack.ExtType(1, b"x" * 300)),  # ext16
+        msgpack.packb({"a": [msgpack.ExtType(5, b"")]}),
+        b"\xc1",
+        b"",
+        msgpack.packb(1) + b"\x00",  # trailing bytes
+        msgpack.packb({"a": 1}) + msgpack.packb({"b": 2}),
+        b"\xdd\xff\xff\xff\xff",  # array32 claiming 4G elements
+        b"\x81\xc0\x01",  # nil map key
+        b"\x91" * 100 + b"\x00",  # nesting too deep
+    ],
+)
 def test_invalid_input_is_an_error(lua: Lua, data: bytes) -> None:
     got, err = lua_decode(lua, data)
     assert got is None and isinstance(err, bytes) and err
@@ -255,28 +296,37 @@ def test_encode_errors(lua: Lua) -> None:
 
 # ------------------------------------------------------------------------------------------- config
 
+
 def test_new_defaults(lua: Lua) -> None:
     f = lua.filter()
     conf = py(f.conf)
     assert conf == {
-        b"cluster": b"ipc_router_sidecar", b"authority": b"ipc-router", b"timeout_ms": 250,
-        b"complete_timeout_ms": 2000, b"failure_mode": b"fail_closed",
-        b"route_header": b"x-ai-eg-selected-route", b"backend_header": b"x-ai-eg-selected-backend",
-        b"max_response_body": 1048576, b"stream_tail_bytes": 16384,
+        b"cluster": b"ipc_router_sidecar",
+        b"authority": b"ipc-router",
+        b"timeout_ms": 250,
+        b"complete_timeout_ms": 2000,
+        b"failure_mode": b"fail_closed",
+        b"route_header": b"x-ai-eg-selected-route",
+        b"backend_header": b"x-ai-eg-selected-backend",
+        b"max_response_body": 1048576,
+        b"stream_tail_bytes": 16384,
     }
     assert py(f.paths) == {b"/v1/chat/completions": True}
 
 
-@pytest.mark.parametrize("conf", [
-    {"failure_mode": "fail_open"},
-    {"failure_mode": "sometimes"},
-    {"timeout_ms": 0},
-    {"timeout_ms": 1.5},
-    {"cluster": ""},
-    {"llm_paths": "/v1/chat/completions"},
-    {"max_response_body": -1},
-    {"no_such_key": 1},
-])
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"failure_mode": "fail_open"},
+        {"failure_mode": "sometimes"},
+        {"timeout_ms": 0},
+        {"timeout_ms": 1.5},
+        {"cluster": ""},
+        {"llm_paths": "/v1/chat/completions"},
+        {"max_response_body": -1},
+        {"no_such_key": 1},
+    ],
+)
 def test_new_rejects_bad_conf(lua: Lua, conf: dict[str, Any]) -> None:
     with pytest.raises(LUPA.LuaError):
         lua.filter(**conf)
@@ -295,14 +345,20 @@ def test_new_conf_from_lua_literal(lua: Lua) -> None:
 
 CHAT = "/v1/chat/completions"
 BASE_HEADERS = {
-    ":path": CHAT, ":method": "POST", ":authority": "gw", "content-type": "application/json",
+    ":path": CHAT,
+    ":method": "POST",
+    ":authority": "gw",
+    "content-type": "application/json",
     "x-request-id": "req-1",
 }
 
 
 def route_answer(**answer: Any) -> dict[str, Any]:
-    return {"status": 200, "body": msgpack.packb(answer, use_bin_type=True),
-            "headers": {"content-type": "application/msgpack"}}
+    return {
+        "status": 200,
+        "body": msgpack.packb(answer, use_bin_type=True),
+        "headers": {"content-type": "application/msgpack"},
+    }
 
 
 SET_ANSWER = route_answer(set={"x-ai-eg-selected-route": "r1", "x-ai-eg-model": "gpt"}, id="rid-9")
@@ -310,19 +366,27 @@ SET_ANSWER = route_answer(set={"x-ai-eg-selected-route": "r1", "x-ai-eg-model": 
 
 def test_fake_handle_kills_wrappers_across_yields(lua: Lua) -> None:
     """The fake enforces Envoy's rule; the filter passing the other tests relies on re-fetching."""
-    rec = lua.rt.execute(b"""
+    rec = lua.rt.execute(
+        b"""
         local H = ...
         local h = H.make({ headers = { a = "1" }, body = "x" })
         local hd = h:headers()
         h:body()
         return pcall(hd.get, hd, "a")
-    """, lua.H)
+    """,
+        lua.H,
+    )
     assert rec[0] is False and b"outside of proper scope" in rec[1]
 
 
 def test_non_llm_path_passes_through_with_route_headers_stripped(lua: Lua) -> None:
-    headers = {":path": "/v1/models", ":method": "GET", "x-ai-eg-selected-route": "evil",
-               "x-ai-eg-selected-backend": "evil-backend", "x-other": "kept"}
+    headers = {
+        ":path": "/v1/models",
+        ":method": "GET",
+        "x-ai-eg-selected-route": "evil",
+        "x-ai-eg-selected-backend": "evil-backend",
+        "x-other": "kept",
+    }
     rec = py(lua.run(lua.filter(), "on_request", headers=headers, body="ignored"))
     assert rec[b"ok"] and rec[b"status"] == b"dead"
     assert rec[b"store"] == {b":path": b"/v1/models", b":method": b"GET", b"x-other": b"kept"}
@@ -330,8 +394,7 @@ def test_non_llm_path_passes_through_with_route_headers_stripped(lua: Lua) -> No
     assert not rec[b"responded"] and rec[b"metadata"] == {}
 
 
-@pytest.mark.parametrize("path", ["/v1/chat/completionsX", "/v1/chat", "/V1/chat/completions",
-                                  "/v1/chat/completions/"])
+@pytest.mark.parametrize("path", ["/v1/chat/completionsX", "/v1/chat", "/V1/chat/completions", "/v1/chat/completions/"])
 def test_other_paths_are_not_routed(lua: Lua, path: str) -> None:
     rec = py(lua.run(lua.filter(), "on_request", headers={**BASE_HEADERS, ":path": path}, body="{}"))
     assert rec[b"n_http"] == 0 and rec[b"body_calls"] == 0
@@ -340,14 +403,17 @@ def test_other_paths_are_not_routed(lua: Lua, path: str) -> None:
 def test_llm_path_sends_one_route_call(lua: Lua) -> None:
     headers = {**BASE_HEADERS, "x-ai-eg-selected-route": "evil", "x-ai-eg-selected-backend": "b"}
     before = time.monotonic_ns()
-    rec = lua.run(lua.filter(), "on_request", headers=headers, body='{"model":"gpt"}',
-                  answer=SET_ANSWER)
+    rec = lua.run(lua.filter(), "on_request", headers=headers, body='{"model":"gpt"}', answer=SET_ANSWER)
     after = time.monotonic_ns()
     assert rec.ok and rec.n_http == 1
     call = py(rec.http_calls[1])
     assert call[b"cluster"] == b"ipc_router_sidecar"
-    assert call[b"headers"] == {b":method": b"POST", b":path": b"/route", b":authority": b"ipc-router",
-                                b"content-type": b"application/msgpack"}
+    assert call[b"headers"] == {
+        b":method": b"POST",
+        b":path": b"/route",
+        b":authority": b"ipc-router",
+        b"content-type": b"application/msgpack",
+    }
     assert call[b"options"] == {b"timeout_ms": 250}
     sent = msgpack.unpackb(call[b"body"], raw=False)
     assert sent["id"] == "req-1"
@@ -362,11 +428,16 @@ def test_llm_path_sends_one_route_call(lua: Lua) -> None:
 
 
 def test_custom_conf_is_used(lua: Lua) -> None:
-    f = lua.filter(cluster="side", authority="side-host", timeout_ms=99, llm_paths=["/x"],
-                   route_header="x-r", backend_header="x-b")
-    rec = lua.run(f, "on_request", headers={":path": "/x", "x-r": "evil", "x-b": "evil",
-                                            "x-ai-eg-selected-route": "kept"}, body="",
-                  answer=route_answer(set={"x-r": "r2"}, id="i"))
+    f = lua.filter(
+        cluster="side", authority="side-host", timeout_ms=99, llm_paths=["/x"], route_header="x-r", backend_header="x-b"
+    )
+    rec = lua.run(
+        f,
+        "on_request",
+        headers={":path": "/x", "x-r": "evil", "x-b": "evil", "x-ai-eg-selected-route": "kept"},
+        body="",
+        answer=route_answer(set={"x-r": "r2"}, id="i"),
+    )
     call = py(rec.http_calls[1])
     assert call[b"cluster"] == b"side" and call[b"headers"][b":authority"] == b"side-host"
     assert call[b"options"] == {b"timeout_ms": 99}
@@ -377,8 +448,7 @@ def test_custom_conf_is_used(lua: Lua) -> None:
 
 def test_query_string_is_ignored_for_matching_but_sent(lua: Lua) -> None:
     path = CHAT + "?api-version=1"
-    rec = lua.run(lua.filter(), "on_request", headers={**BASE_HEADERS, ":path": path}, body="{}",
-                  answer=SET_ANSWER)
+    rec = lua.run(lua.filter(), "on_request", headers={**BASE_HEADERS, ":path": path}, body="{}", answer=SET_ANSWER)
     assert rec.n_http == 1
     assert msgpack.unpackb(rec.http_calls[1].body)["path"] == path
 
@@ -403,8 +473,9 @@ def test_repeated_headers_are_joined(lua: Lua) -> None:
 
 
 def test_set_answer_replaces_headers_and_stores_id(lua: Lua) -> None:
-    rec = lua.run(lua.filter(), "on_request", headers={**BASE_HEADERS, "x-ai-eg-model": "old"},
-                  body="{}", answer=SET_ANSWER)
+    rec = lua.run(
+        lua.filter(), "on_request", headers={**BASE_HEADERS, "x-ai-eg-model": "old"}, body="{}", answer=SET_ANSWER
+    )
     assert rec.ok and rec.status == b"dead" and not rec.responded
     store = py(rec.store)
     assert store[b"x-ai-eg-selected-route"] == b"r1" and store[b"x-ai-eg-model"] == b"gpt"
@@ -414,16 +485,22 @@ def test_set_answer_replaces_headers_and_stores_id(lua: Lua) -> None:
 
 
 def test_set_answer_without_id_stores_nothing(lua: Lua) -> None:
-    rec = lua.run(lua.filter(), "on_request", headers=BASE_HEADERS, body="{}",
-                  answer=route_answer(set={"x-ai-eg-selected-route": "r1"}))
+    rec = lua.run(
+        lua.filter(),
+        "on_request",
+        headers=BASE_HEADERS,
+        body="{}",
+        answer=route_answer(set={"x-ai-eg-selected-route": "r1"}),
+    )
     assert py(rec.store)[b"x-ai-eg-selected-route"] == b"r1" and rec.cleared >= 1
     assert py(rec.metadata) == {}
 
 
 def test_respond_answer(lua: Lua) -> None:
     body = b'{"error":{"message":"no matching rule found","code":"model_not_found"}}'
-    answer = route_answer(respond={"status": 404, "headers": {"content-type": "application/json",
-                                                              ":status": "200"}, "body": body})
+    answer = route_answer(
+        respond={"status": 404, "headers": {"content-type": "application/json", ":status": "200"}, "body": body}
+    )
     rec = lua.run(lua.filter(), "on_request", headers=BASE_HEADERS, body="{}", answer=answer)
     assert rec.ok and rec.status == b"suspended" and rec.responded  # respond() never returns
     assert py(rec.respond_headers) == {b":status": b"404", b"content-type": b"application/json"}
@@ -432,15 +509,24 @@ def test_respond_answer(lua: Lua) -> None:
 
 
 def test_respond_answer_without_headers_or_body(lua: Lua) -> None:
-    rec = lua.run(lua.filter(), "on_request", headers=BASE_HEADERS, body="{}",
-                  answer=route_answer(respond={"status": 400}))
+    rec = lua.run(
+        lua.filter(), "on_request", headers=BASE_HEADERS, body="{}", answer=route_answer(respond={"status": 400})
+    )
     assert py(rec.respond_headers) == {b":status": b"400"} and rec.respond_body == b""
 
 
 FAILURES = {
-    "unreachable": ({"answer": {"status": 503, "body": "upstream connect error or disconnect/reset "
-                                "before headers. reset reason: remote connection failure",
-                                "headers": {"content-type": "text/plain"}}}, "unreachable"),
+    "unreachable": (
+        {
+            "answer": {
+                "status": 503,
+                "body": "upstream connect error or disconnect/reset "
+                "before headers. reset reason: remote connection failure",
+                "headers": {"content-type": "text/plain"},
+            }
+        },
+        "unreachable",
+    ),
     "timeout": ({"answer": {"status": 504, "body": "upstream request timeout"}}, "timeout"),
     "status500": ({"answer": {**SET_ANSWER, "status": 500}}, "status 500"),
     "status404": ({"answer": {"status": 404, "body": msgpack.packb({"error": "x"})}}, "status 404"),
@@ -453,8 +539,7 @@ FAILURES = {
     "set_not_strings": ({"answer": route_answer(set={"x-a": 1})}, "bad answer"),
     "respond_bad_status": ({"answer": route_answer(respond={"status": 99})}, "bad answer"),
     "respond_status_str": ({"answer": route_answer(respond={"status": "404"})}, "bad answer"),
-    "call_raises": ({"answer_error": "http call cluster invalid. Must be configured"},
-                    "internal error"),
+    "call_raises": ({"answer_error": "http call cluster invalid. Must be configured"}, "internal error"),
 }
 
 
@@ -464,9 +549,13 @@ def test_failure_fail_closed(lua: Lua, case: str) -> None:
     rec = lua.run(lua.filter(), "on_request", headers=BASE_HEADERS, body="{}", **spec)
     assert rec.ok and rec.responded and rec.status == b"suspended"
     assert py(rec.respond_headers) == {b":status": b"503", b"content-type": b"application/json"}
-    assert json.loads(rec.respond_body) == {"error": {
-        "message": f"routing sidecar unavailable: {reason}", "type": "server_error",
-        "code": "sidecar_unavailable"}}
+    assert json.loads(rec.respond_body) == {
+        "error": {
+            "message": f"routing sidecar unavailable: {reason}",
+            "type": "server_error",
+            "code": "sidecar_unavailable",
+        }
+    }
     assert py(rec.metadata) == {}
     assert any(reason.encode() in line for line in seq(rec.logs))
 
@@ -475,8 +564,7 @@ def test_failure_fail_closed(lua: Lua, case: str) -> None:
 def test_failure_fail_open(lua: Lua, case: str) -> None:
     spec, reason = FAILURES[case]
     f = lua.filter(failure_mode="fail_open", fallback_route="fallback-rule")
-    rec = lua.run(f, "on_request", headers={**BASE_HEADERS, "x-ai-eg-selected-route": "evil"},
-                  body="{}", **spec)
+    rec = lua.run(f, "on_request", headers={**BASE_HEADERS, "x-ai-eg-selected-route": "evil"}, body="{}", **spec)
     assert rec.ok and rec.status == b"dead" and not rec.responded
     assert py(rec.store)[b"x-ai-eg-selected-route"] == b"fallback-rule"
     assert rec.cleared >= 1
@@ -487,8 +575,11 @@ def test_failure_fail_open(lua: Lua, case: str) -> None:
 def test_decide_is_pure(lua: Lua) -> None:
     conf = lua.filter().conf
     action = py(lua.M.decide(b"200", SET_ANSWER["body"], conf))
-    assert action == {b"action": b"set", b"id": b"rid-9",
-                      b"headers": {b"x-ai-eg-selected-route": b"r1", b"x-ai-eg-model": b"gpt"}}
+    assert action == {
+        b"action": b"set",
+        b"id": b"rid-9",
+        b"headers": {b"x-ai-eg-selected-route": b"r1", b"x-ai-eg-model": b"gpt"},
+    }
     action = py(lua.M.decide(None, None, conf))
     assert action[b"action"] == b"respond" and action[b"reason"] == b"no answer"
 
@@ -508,8 +599,12 @@ def complete_call(rec: Any) -> dict[str, Any]:
     assert rec.n_http == 1
     call = py(rec.http_calls[1])
     assert call[b"cluster"] == b"ipc_router_sidecar"
-    assert call[b"headers"] == {b":method": b"POST", b":path": b"/complete", b":authority": b"ipc-router",
-                                b"content-type": b"application/msgpack"}
+    assert call[b"headers"] == {
+        b":method": b"POST",
+        b":path": b"/complete",
+        b":authority": b"ipc-router",
+        b"content-type": b"application/msgpack",
+    }
     assert call[b"options"] == {b"asynchronous": True, b"timeout_ms": 2000}
     sent: dict[str, Any] = msgpack.unpackb(call[b"body"], raw=False)
     assert isinstance(sent["body"], bytes)
@@ -518,16 +613,19 @@ def complete_call(rec: Any) -> dict[str, Any]:
 
 def test_no_id_sends_nothing(lua: Lua) -> None:
     for metadata in ({}, {"other": {"id": "x"}}, {"ipc_router": {"x": "y"}}):
-        rec = lua.run(lua.filter(), "on_response", headers={":status": "200"}, chunks=["a", "b"],
-                      metadata=metadata)
+        rec = lua.run(lua.filter(), "on_response", headers={":status": "200"}, chunks=["a", "b"], metadata=metadata)
         assert rec.ok and rec.n_http == 0 and rec.epoch == 0  # body not even iterated
 
 
 def test_non_streaming_body_kept(lua: Lua) -> None:
     chunks = ['{"choices":', "", '[],"usage":{"prompt_tokens":3}}']
-    rec = lua.run(lua.filter(), "on_response",
-                  headers={":status": "200", "content-type": "application/json"},
-                  chunks=chunks, metadata=ROUTED)
+    rec = lua.run(
+        lua.filter(),
+        "on_response",
+        headers={":status": "200", "content-type": "application/json"},
+        chunks=chunks,
+        metadata=ROUTED,
+    )
     sent = complete_call(rec)
     assert sent["id"] == "rid-9" and sent["status"] == 200
     assert sent["body"] == "".join(chunks).encode()
@@ -540,27 +638,26 @@ def test_non_streaming_body_kept(lua: Lua) -> None:
 def test_t_first_is_the_first_non_empty_chunk(lua: Lua) -> None:
     if not LUPA.__name__.startswith("lupa.luajit"):
         pytest.skip("needs the LuaJIT FFI clock")
-    rec = lua.run(lua.filter(), "on_response", headers={":status": "200"},
-                  chunks=["", "", "x", "y"], metadata=ROUTED)
+    rec = lua.run(lua.filter(), "on_response", headers={":status": "200"}, chunks=["", "", "x", "y"], metadata=ROUTED)
     sent = complete_call(rec)
     times = seq(rec.chunk_times)  # taken by the fake when it hands out each chunk
     assert times[2] <= sent["t_first"] <= times[3] <= sent["t_end"]
 
 
 def test_no_body(lua: Lua) -> None:
-    rec = lua.run(lua.filter(), "on_response", headers={":status": "204"}, chunks=[],
-                  metadata=ROUTED)
+    rec = lua.run(lua.filter(), "on_response", headers={":status": "204"}, chunks=[], metadata=ROUTED)
     sent = complete_call(rec)
     assert sent["status"] == 204 and sent["body"] == b"" and "t_first" not in sent
     assert sent["truncated"] is False
 
 
-@pytest.mark.parametrize("total,limit,truncated", [(10, 10, False), (11, 10, True), (25, 10, True),
-                                                   (5, 0, True), (0, 0, False)])
+@pytest.mark.parametrize(
+    "total,limit,truncated", [(10, 10, False), (11, 10, True), (25, 10, True), (5, 0, True), (0, 0, False)]
+)
 def test_non_streaming_truncation(lua: Lua, total: int, limit: int, truncated: bool) -> None:
     data = bytes(range(65, 65 + 26)) * 2
     data = data[:total]
-    chunks = [data[i:i + 3] for i in range(0, total, 3)]
+    chunks = [data[i : i + 3] for i in range(0, total, 3)]
     f = lua.filter(max_response_body=limit)
     rec = lua.run(f, "on_response", headers={":status": "200"}, chunks=chunks, metadata=ROUTED)
     sent = complete_call(rec)
@@ -575,8 +672,13 @@ def test_tail_matches_python_for_random_chunks(lua: Lua, seed: int) -> None:
     chunks = [rnd.randbytes(rnd.choice([0, 1, 3, 16, 50, 200])) for _ in range(rnd.randrange(1, 30))]
     data = b"".join(chunks)
     f = lua.filter(stream_tail_bytes=limit)
-    rec = lua.run(f, "on_response", headers={":status": "200", "content-type": "text/event-stream"},
-                  chunks=[c.decode("latin-1") for c in chunks], metadata=ROUTED)
+    rec = lua.run(
+        f,
+        "on_response",
+        headers={":status": "200", "content-type": "text/event-stream"},
+        chunks=[c.decode("latin-1") for c in chunks],
+        metadata=ROUTED,
+    )
     # lua.table() encodes str as UTF-8; rebuild what the fake actually held
     held = b"".join(c.decode("latin-1").encode() for c in chunks)
     sent = complete_call(rec)
@@ -587,11 +689,15 @@ def test_tail_matches_python_for_random_chunks(lua: Lua, seed: int) -> None:
 
 
 def test_stream_tail_is_bounded(lua: Lua) -> None:
-    events = [f"data: {{\"i\":{i}}}\n\n" for i in range(2000)]
+    events = [f'data: {{"i":{i}}}\n\n' for i in range(2000)]
     events.append('data: {"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\ndata: [DONE]\n\n')
-    rec = lua.run(lua.filter(stream_tail_bytes=96), "on_response",
-                  headers={":status": "200", "content-type": "Text/Event-Stream; charset=utf-8"},
-                  chunks=events, metadata=ROUTED)
+    rec = lua.run(
+        lua.filter(stream_tail_bytes=96),
+        "on_response",
+        headers={":status": "200", "content-type": "Text/Event-Stream; charset=utf-8"},
+        chunks=events,
+        metadata=ROUTED,
+    )
     sent = complete_call(rec)
     assert sent["stream"] is True and sent["truncated"] is True
     assert sent["body"] == "".join(events).encode()[-96:]
@@ -600,7 +706,8 @@ def test_stream_tail_is_bounded(lua: Lua) -> None:
 
 def test_stream_tail_memory_stays_bounded(lua: Lua) -> None:
     """20 MB of fresh chunks through on_response: the Lua heap must not grow with the stream."""
-    rec = lua.rt.execute(b"""
+    rec = lua.rt.execute(
+        b"""
         local H, filter = ...
         local handle, rec = H.make({ headers = { [":status"] = "200",
             ["content-type"] = "text/event-stream" }, metadata = { ipc_router = { id = "x" } } })
@@ -624,7 +731,10 @@ def test_stream_tail_memory_stays_bounded(lua: Lua) -> None:
         filter:on_response(handle)
         rec.sent = sent
         return rec
-    """, lua.H, lua.filter(stream_tail_bytes=4096))
+    """,
+        lua.H,
+        lua.filter(stream_tail_bytes=4096),
+    )
     assert rec.sent == 20_000_000 and rec.n_http == 1
     body = msgpack.unpackb(rec.http_calls[1].body)["body"]
     assert len(body) == 4096 and body.endswith(b"x" * 994 + b"020000")
@@ -633,14 +743,18 @@ def test_stream_tail_memory_stays_bounded(lua: Lua) -> None:
 
 
 def test_complete_errors_are_logged_not_raised(lua: Lua) -> None:
-    rec = lua.rt.execute(b"""
+    rec = lua.rt.execute(
+        b"""
         local H, filter = ...
         local handle, rec = H.make({ headers = { [":status"] = "200" }, chunks = { "a" },
                                      metadata = { ipc_router = { id = "x" } } })
         handle.httpCall = function() error("http call cluster invalid. Must be configured") end
         filter:on_response(handle)
         return rec
-    """, lua.H, lua.filter())
+    """,
+        lua.H,
+        lua.filter(),
+    )
     assert any(b"/complete not sent" in line for line in seq(rec.logs))
 
 
@@ -659,12 +773,12 @@ LUACHECK = shutil.which("luacheck")
 
 
 @pytest.mark.skipif(LUACHECK is None, reason="luacheck not installed (apt-get install lua-check)")
-@pytest.mark.parametrize("args", [["envoy/"], ["--config", "envoy/.luacheckrc", "envoy/"]],
-                         ids=["default", "envoy-luacheckrc"])
+@pytest.mark.parametrize(
+    "args", [["envoy/"], ["--config", "envoy/.luacheckrc", "envoy/"]], ids=["default", "envoy-luacheckrc"]
+)
 def test_luacheck_clean(args: list[str]) -> None:
     assert LUACHECK is not None
-    proc = subprocess.run([LUACHECK, "--no-color", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([LUACHECK, "--no-color", *args], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

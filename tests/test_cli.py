@@ -1,0 +1,206 @@
+"""``ipc-router check-config`` and ``ipc-router route``: in process through ``main`` and, once each, as a real
+``python -m ipc_router.cli`` subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ipc_router.cli import main
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+CONFIG = """\
+rules:
+- name: gpt
+  headers: [{name: x-ai-eg-model, value: gpt-4o-mini}]
+  backends: [{name: openai}, {name: azure, weight: 0}]
+- name: premium
+  headers: [{name: x-tenant, value: premium}]
+  backends: [{name: premium-backend}]
+- name: llama
+  headers: [{type: RegularExpression, name: x-ai-eg-model, value: "llama-.*"}]
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["--log-level", "warning", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPC_ROUTER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    return subprocess.run(
+        [sys.executable, "-m", "ipc_router.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+# --- check-config -------------------------------------------------------------------------------------------------
+
+
+def test_check_config_ok(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, err = run(capsys, "check-config", str(config))
+    assert code == 0
+    assert out == f"{config}: ok (3 rules, 3 backends)\n"
+    assert err == ""
+
+
+def test_check_config_empty_file_is_ok(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert run(capsys, "check-config", str(path))[:2] == (0, f"{path}: ok (0 rules, 0 backends)\n")
+
+
+BAD_CONFIGS = [
+    ("rules:\n- name: a\n  headers: [{name: x, value: y, type: Fuzzy}]\n",
+     "rules[0].headers[0].type: unknown match type 'Fuzzy'"),
+    ("rules:\n- name: a\n- name: b\n  headers: [{name: x}]\n", "rules[1].headers[0].value: is required"),
+    ("rules:\n- name: a\n- name: a\n", "rules[1].name: duplicate rule name 'a' (also rules[0])"),
+    ("rules:\n- name: a\n  backends: [{name: b, weight: -1}]\n",
+     "rules[0].backends[0].weight: expected an integer >= 0"),
+    ("rules:\n- name: a\n  headers: [{name: x, value: '(', type: RegularExpression}]\n",
+     "rules[0].headers[0].value: invalid regular expression"),
+    ("schema: {name: Gopher}\n", "schema.name: unknown schema 'Gopher'"),
+    ("rules: {a: 1}\n", "rules: expected a list, got dict"),
+    ("rules: [\n", "invalid YAML at line 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "error"), BAD_CONFIGS)
+def test_check_config_error_names_the_key_path(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, error: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    code, out, err = run(capsys, "check-config", str(path))
+    assert code == 1
+    assert out == ""
+    assert err.startswith(f"error: {path}: {error}"), err
+
+
+def test_check_config_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run(capsys, "check-config", str(tmp_path / "nope.yaml"))
+    assert code == 1
+    assert f"error: {tmp_path / 'nope.yaml'}: cannot read: No such file or directory" in err
+
+
+def test_check_config_subprocess(config: Path, tmp_path: Path) -> None:
+    ok = run_subprocess("check-config", str(config))
+    assert (ok.returncode, ok.stdout) == (0, f"{config}: ok (3 rules, 3 backends)\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n- headers: []\n")
+    result = run_subprocess("check-config", str(bad))
+    assert result.returncode == 1
+    assert result.stderr == f"error: {bad}: rules[0].name: is required\n"
+
+
+# --- route --------------------------------------------------------------------------------------------------------
+
+
+def test_route_prints_rule_and_backend(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(config), "--model", "gpt-4o-mini")
+    assert code == 0
+    assert out == "rule: gpt\nbackend: openai\n"  # azure has weight 0
+
+
+def test_route_with_headers(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(config), "--model", "nothing", "-H", "X-Tenant:  premium ")
+    assert (code, out) == (0, "rule: premium\nbackend: premium-backend\n")
+    code, out, _ = run(capsys, "route", "--config", str(config), "-H", "x-tenant: premium", "-H", "x-other: 1")
+    assert (code, out) == (0, "rule: premium\nbackend: premium-backend\n")
+
+
+def test_route_rule_without_backends(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(config), "--model", "llama-3")
+    assert (code, out) == (0, "rule: llama\nbackend: -\n")
+
+
+def test_route_model_header_is_overridden_by_model(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(config), "-H", "x-ai-eg-model: nothing", "--model", "llama-1")
+    assert (code, out) == (0, "rule: llama\nbackend: -\n")
+
+
+def test_route_no_match_exits_1(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(config), "--model", "claude", "-H", "x-tenant: basic")
+    assert code == 1
+    assert out == "no match: no matching rule found\n"
+
+
+def test_route_bad_header_exits_2(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    code, _, err = run(capsys, "route", "--config", str(config), "-H", "no-colon")
+    assert code == 2
+    assert "error: bad header 'no-colon'; expected 'name: value'" in err
+
+
+def test_route_bad_config_exits_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("rules:\n- name: ''\n")
+    code, _, err = run(capsys, "route", "--config", str(path), "--model", "m")
+    assert code == 2
+    assert f"error: {path}: rules[0].name: must not be empty" in err
+
+
+def test_route_missing_config_is_the_default_config(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "route", "--config", str(tmp_path / "nope.yaml"), "--model", "m")
+    assert (code, out) == (1, "no match: no matching rule found\n")
+
+
+def test_route_with_a_router_plugin(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    args = ("route", "--config", str(config), "--router", "plugins_for_tests:tenant_router")
+    assert run(capsys, *args, "--model", "x", "-H", "x-tenant: premium")[:2] == (
+        0,
+        "rule: premium\nbackend: premium-backend\n",
+    )
+    assert run(capsys, *args, "--model", "gpt-4o-mini")[:2] == (0, "rule: gpt\nbackend: openai\n")
+
+
+def test_route_with_an_async_router_plugin(capsys: pytest.CaptureFixture[str], config: Path) -> None:
+    args = ("route", "--config", str(config), "--router", "plugins_for_tests:sleepy_router")
+    assert run(capsys, *args, "--model", "llama-2", "-H", "x-sleep-ms: 5")[:2] == (0, "rule: llama\nbackend: -\n")
+    assert run(capsys, *args, "--model", "nothing")[:2] == (1, "no match: no matching rule found\n")
+
+
+@pytest.mark.parametrize(
+    ("spec", "error"),
+    [
+        ("nosuchmodule:x", "module 'nosuchmodule' not found"),
+        ("plugins_for_tests:missing", "module 'plugins_for_tests' has no attribute 'missing'"),
+        ("plugins_for_tests:NOT_CALLABLE", "is not callable (it is a int)"),
+    ],
+)
+def test_route_bad_router_plugin_exits_2(
+    capsys: pytest.CaptureFixture[str], config: Path, spec: str, error: str
+) -> None:
+    code, _, err = run(capsys, "route", "--config", str(config), "--router", spec, "--model", "m")
+    assert code == 2
+    assert error in err
+
+
+def test_route_subprocess_with_router(config: Path) -> None:
+    result = run_subprocess(
+        "route", "--config", str(config), "--router", "plugins_for_tests:tenant_router", "-H", "x-tenant: premium"
+    )
+    assert (result.returncode, result.stdout) == (0, "rule: premium\nbackend: premium-backend\n")
+    result = run_subprocess("route", "--config", str(config), "--model", "nothing")
+    assert (result.returncode, result.stdout) == (1, "no match: no matching rule found\n")
+
+
+def test_serve_requires_a_socket(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["serve"])
+    assert info.value.code == 2
+    assert "--socket" in capsys.readouterr().err
