@@ -467,6 +467,22 @@ def added(over: Variant, base: Variant) -> dict[str, float]:
     }
 
 
+def cpu_busy(interval: float = 0.5) -> float | None:
+    """Percent of all CPUs' time spent busy over ``interval`` seconds (from /proc/stat), None where unknown."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, total
+
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 100.0 * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def machine() -> dict[str, Any]:
     cpu = ""
     with contextlib.suppress(OSError):
@@ -482,7 +498,7 @@ def machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu": cpu,
-        "loadavg_before": os.getloadavg()[0],
+        "cpu_busy_before_pct": cpu_busy(),
         "python": platform.python_version(),
         "envoy": m.group(1) if m else out.strip(),
         "platform": platform.platform(),
@@ -491,12 +507,11 @@ def machine() -> dict[str, Any]:
 
 def print_report(result: Mapping[str, Any]) -> None:
     mc, p = result["machine"], result["params"]
-    busy = max(mc["loadavg_before"], mc["loadavg_after"]) >= 0.5
-    print(
-        f"{mc['date']}  {mc['nproc']} CPUs ({mc['cpu']})  Python {mc['python']}  Envoy {mc['envoy']}\n"
-        f"load average {mc['loadavg_before']:.2f} before, {mc['loadavg_after']:.2f} after"
-        + ("  (a busy machine: expect noise)" if busy else "")
-    )
+    busy = mc["cpu_busy_before_pct"]
+    print(f"{mc['date']}  {mc['nproc']} CPUs ({mc['cpu']})  Python {mc['python']}  Envoy {mc['envoy']}")
+    if busy is not None:
+        note = "  (other work is running: expect noise)" if busy > 10 else ""
+        print(f"CPU busy just before the run: {busy:.0f}%{note}")
     print(
         f"c=1, keep-alive, POST {CHAT_PATH} ({len(REQUEST_BODY)} B, x-mock-tokens: {MOCK_TOKENS}); "
         f"{p['rounds']} rounds x {p['requests_per_round']} requests per variant, rotating order"
@@ -512,10 +527,10 @@ def print_report(result: Mapping[str, Any]) -> None:
     verdict = "met" if ratio <= GOAL_RATIO else "NOT met"
     print(f"\nsidecar / httpCall cost (p50): {ratio:.2f}  (goal <= {GOAL_RATIO}: {verdict})")
     for name, stats in result["sidecar_stats"].items():
-        route, cache = stats["requests"].get("route", {}), stats["cache"]
+        route, complete = stats["requests"].get("route", {}), stats["requests"].get("complete", {})
         print(
-            f"{name} sidecar: /route {route}, /complete {stats['requests'].get('complete', {})}, "
-            f"cache hits {cache['hits']} misses {cache['misses']}"
+            f"{name} sidecar: {sum(route.values())} /route ({route.get('cached', 0)} from the cache), "
+            f"{complete.get('ok', 0)} /complete"
         )
     for problem in result["problems"]:
         print(f"WARNING: {problem}")
@@ -619,7 +634,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         added_rows[f"sidecar, {spec.name} (- 2)"] = added(by_name[spec.name], instant)
     http_call = added_rows["Envoy httpCall + Lua (2 - 1)"]["p50_us"]
     sidecar = added_rows["the Python sidecar (3 - 2)"]["p50_us"]
-    host["loadavg_after"] = os.getloadavg()[0]
     problems = [p for v in variants if v.stats is not None for p in check_sidecar(v.spec.name, v.stats, v.sent)]
     return {
         "machine": host,
