@@ -64,7 +64,7 @@ from ipc_router.filterapi import (
 from ipc_router.mock_backend import new_event_loop
 from ipc_router.protocol import JSON, MSGPACK, encode_body, encode_response
 from ipc_router.router import DefaultRouter
-from ipc_router.stack import Stack, StackError, envoy_binary, free_port
+from ipc_router.stack import Stack, StackError, envoy_binary, free_port, read_tail, stop_process
 
 MODEL = "bench-model"
 RULE = "bench"
@@ -211,25 +211,6 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, log: Path, tim
                 return
         time.sleep(0.02)
     raise BenchError(f"{what} did not answer {url} within {timeout}s:\n{read_tail(log)}")
-
-
-def read_tail(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")[-4000:]
-    except OSError:
-        return ""
-
-
-def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def start_mock(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:

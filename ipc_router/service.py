@@ -49,6 +49,19 @@ class _InFlight:
     expires: float
 
 
+@dataclass(slots=True)
+class _Routed:
+    """A /route request between its decision and its answer."""
+
+    started: float
+    fmt: str
+    config: Config
+    path: str
+    headers: dict[str, str]
+    model: str
+    t: float
+
+
 @dataclass
 class Stats:
     """The sidecar's own counters (plain ints: reading them costs the hot path nothing)."""
@@ -177,7 +190,7 @@ class Service:
             headers = _field(msg, "headers", dict)
             body = _field(msg, "body", (bytes, str))
             t_ns = _field(msg, "t", int, required=False)
-            request_id = _field(msg, "id", str, required=False)
+            _field(msg, "id", str, required=False)  # informational (logs); the completion key is ours
         except BadMessage as e:
             return self._reject(req, "route", 400, str(e))
         if fmt == JSON:
@@ -206,32 +219,22 @@ class Service:
             decided = routing.route(headers)
         except Exception as e:
             return self._route_failed(e, model, fmt)
+        routed = _Routed(started, fmt, config, path, headers, model, t)
         if not isinstance(decided, Decision):
-            return self._route_async(decided, started, fmt, config, path, headers, model, t, request_id)
-        return self._routed(decided, started, fmt, config, path, headers, model, t, request_id)
+            return self._route_async(decided, routed)
+        return self._routed(decided, routed)
 
-    async def _route_async(
-        self,
-        pending: Awaitable[Decision],
-        started: float,
-        fmt: str,
-        config: Config,
-        path: str,
-        headers: dict[str, str],
-        model: str,
-        t: float,
-        request_id: str | None,
-    ) -> Response:
+    async def _route_async(self, pending: Awaitable[Decision], r: _Routed) -> Response:
         try:
             decided = await asyncio.wait_for(pending, self.router_timeout)
         except TimeoutError:
             self.stats.requests["route", "router_timeout"] += 1
             self.stats.plugin_errors["router_timeout"] += 1
             resp = _error(504, f"router took longer than {self.router_timeout}s", "server_error", "router_timeout")
-            return self._answer_respond(resp, fmt)
+            return self._answer_respond(resp, r.fmt)
         except Exception as e:
-            return self._route_failed(e, model, fmt)
-        return self._routed(decided, started, fmt, config, path, headers, model, t, request_id)
+            return self._route_failed(e, r.model, r.fmt)
+        return self._routed(decided, r)
 
     def _client_error(self, message: str, code: str, fmt: str) -> Response:
         self.stats.requests["route", code] += 1
@@ -260,23 +263,13 @@ class Service:
         }
         return Response(200, encode_body(directive, fmt), fmt)
 
-    def _routed(
-        self,
-        decided: Decision,
-        started: float,
-        fmt: str,
-        config: Config,
-        path: str,
-        headers: dict[str, str],
-        model: str,
-        t: float,
-        request_id: str | None,
-    ) -> Response:
+    def _routed(self, decided: Decision, r: _Routed) -> Response:
+        headers, model, config = r.headers, r.model, r.config
         rule, backend = decided.rule, decided.backend
         attrs = {attr: headers[h] for h, attr in self.header_attributes if h in headers}
         metrics = self._new_metrics()
         if metrics is not None:
-            token = x._event_time.set(t)
+            token = x._event_time.set(r.t)
             try:
                 metrics.start_request(headers)
                 metrics.set_model(model)
@@ -293,14 +286,14 @@ class Service:
         set_headers = {
             config.model_name_header_key: model,
             config.selected_route_header_key: rule.name,
-            ORIGINAL_PATH_HEADER_KEY: path,
+            ORIGINAL_PATH_HEADER_KEY: r.path,
         }
         if backend is not None:
             set_headers[SELECTED_BACKEND_HEADER_KEY] = backend.name
         self.stats.requests["route", "cached" if decided.cached else "routed"] += 1
         if len(self._durations) < 100_000:
-            self._durations.append(time.perf_counter() - started)
-        return Response(200, encode_body({"set": set_headers, "id": key}, fmt), fmt)
+            self._durations.append(time.perf_counter() - r.started)
+        return Response(200, encode_body({"set": set_headers, "id": key}, r.fmt), r.fmt)
 
     def _new_metrics(self) -> x.ChatCompletionMetrics | None:
         try:

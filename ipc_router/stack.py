@@ -23,7 +23,7 @@ from types import TracebackType
 
 from ipc_router.filterapi import load_config
 
-__all__ = ["Stack", "StackError", "envoy_binary", "free_port"]
+__all__ = ["Stack", "StackError", "envoy_binary", "free_port", "read_tail", "stop_process"]
 
 
 class StackError(RuntimeError):
@@ -108,11 +108,11 @@ class Stack:
         raise StackError(f"sidecar did not listen on {self.socket} within {timeout}s:\n{self.sidecar_log()}")
 
     def stop_sidecar(self) -> None:
-        _stop(self.sidecar)
+        stop_process(self.sidecar)
         self.sidecar = None
 
     def sidecar_log(self) -> str:
-        return _read(self._logs / "sidecar.log")
+        return read_tail(self._logs / "sidecar.log")
 
     # --- envoy ----------------------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ class Stack:
         raise StackError(f"envoy was not ready within {timeout}s:\n{self.envoy_log()}")
 
     def envoy_log(self) -> str:
-        return _read(self._logs / "envoy.log")
+        return read_tail(self._logs / "envoy.log")
 
     # --- whole stack ----------------------------------------------------------------------------------------------
 
@@ -168,7 +168,7 @@ class Stack:
         return self
 
     def stop(self) -> None:
-        _stop(self.envoy)
+        stop_process(self.envoy)
         self.envoy = None
         self.stop_sidecar()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -195,7 +195,7 @@ def _answers(path: str) -> bool:
         s.close()
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     with contextlib.suppress(ProcessLookupError):
@@ -207,7 +207,7 @@ def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
         proc.wait()
 
 
-def _read(path: Path) -> str:
+def read_tail(path: Path) -> str:
     try:
         return path.read_text(errors="replace")[-4000:]
     except OSError:
