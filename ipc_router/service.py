@@ -15,20 +15,41 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 import orjson
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
 from ipc_router import x
 from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
 from ipc_router.metrics import ERROR_TYPE, extract_usage, new_default_chat_completion_metrics
-from ipc_router.protocol import JSON, MSGPACK, BadMessage, Request, decode_body, encode_body
+from ipc_router.protocol import (
+    JSON,
+    MSGPACK,
+    BadMessage,
+    CompleteMessage,
+    Request,
+    RouteMessage,
+    decode_message,
+    encode_body,
+)
 from ipc_router.router import Decision, Routing, UnknownRuleError
 
 __all__ = ["Response", "Service", "Stats", "parse_header_attributes"]
 
 log = logging.getLogger("ipc_router")
+
+M = TypeVar("M", RouteMessage, CompleteMessage)
+
+
+class _ChatRequest(msgspec.Struct):
+    """The one field of an OpenAI request body the sidecar reads; the rest is skipped, not built."""
+
+    model: object = None
+
+
+_CHAT_DECODER = msgspec.json.Decoder(_ChatRequest)
 
 _NS = 1e-9
 
@@ -165,54 +186,39 @@ class Service:
         fmt = JSON if req.content_type == JSON else MSGPACK
         return Response(status, encode_body({"error": message}, fmt), fmt)
 
-    def _message(self, req: Request, endpoint: str) -> tuple[Mapping[str, Any], str] | Response:
+    def _message(self, req: Request, endpoint: str, kind: type[M]) -> M | Response:
         fmt = req.content_type
         if fmt not in (MSGPACK, JSON):
             return self._reject(req, endpoint, 415, f"unsupported content-type {fmt!r}; use {MSGPACK} or {JSON}")
         try:
-            msg = decode_body(req.body, fmt)
+            return decode_message(req.body, fmt, kind)
         except BadMessage as e:
             return self._reject(req, endpoint, 400, str(e))
-        if not isinstance(msg, dict):
-            return self._reject(req, endpoint, 400, f"body must be a map, got {type(msg).__name__}")
-        return msg, fmt
 
     # --- /route ---------------------------------------------------------------------------------------------------
 
     def route(self, req: Request) -> Response | Awaitable[Response]:
         started = time.perf_counter()
-        decoded = self._message(req, "route")
-        if isinstance(decoded, Response):
-            return decoded
-        msg, fmt = decoded
-        try:
-            path = _field(msg, "path", str)
-            headers = _field(msg, "headers", dict)
-            body = _field(msg, "body", (bytes, str))
-            t_ns = _field(msg, "t", int, required=False)
-            _field(msg, "id", str, required=False)  # informational (logs); the completion key is ours
-        except BadMessage as e:
-            return self._reject(req, "route", 400, str(e))
+        msg = self._message(req, "route", RouteMessage)
+        if isinstance(msg, Response):
+            return msg
+        fmt = req.content_type
+        headers = msg.headers
         if fmt == JSON:
-            headers = {str(k).lower(): v for k, v in headers.items()}
-        for v in headers.values():
-            if v.__class__ is not str:
-                return self._reject(
-                    req, "route", 400, f"field 'headers' must map names to strings, got a {type(v).__name__}"
-                )
-        t = t_ns * _NS if t_ns is not None else self.clock()
+            headers = {k.lower(): v for k, v in headers.items()}
+        t = msg.t * _NS if msg.t is not None else self.clock()
 
         routing = self.routing
         config = routing.config
         try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError as e:
-            return self._client_error(f"request body is not valid JSON: {e}", "invalid_body", fmt)
-        if not isinstance(payload, dict):
+            model = _CHAT_DECODER.decode(msg.body).model
+        except msgspec.ValidationError:
             return self._client_error("request body must be a JSON object", "invalid_body", fmt)
-        model = payload.get("model")
+        except (msgspec.DecodeError, UnicodeDecodeError) as e:
+            return self._client_error(f"request body is not valid JSON: {e}", "invalid_body", fmt)
         if not isinstance(model, str) or not model:
             return self._client_error("request body has no 'model' string", "missing_model", fmt)
+        path = msg.path
         headers[config.model_name_header_key] = model
 
         try:
@@ -338,30 +344,19 @@ class Service:
     # --- /complete ------------------------------------------------------------------------------------------------
 
     def complete(self, req: Request) -> Response:
-        decoded = self._message(req, "complete")
-        if isinstance(decoded, Response):
-            return decoded
-        msg, _ = decoded
-        try:
-            key = _field(msg, "id", str)
-            status = _field(msg, "status", int)
-            t_first = _field(msg, "t_first", int, required=False)
-            t_end = _field(msg, "t_end", int, required=False)
-            stream = bool(_field(msg, "stream", bool, required=False))
-            body = _field(msg, "body", (bytes, str), required=False) or b""
-            truncated = bool(_field(msg, "truncated", bool, required=False))
-        except BadMessage as e:
-            return self._reject(req, "complete", 400, str(e))
+        msg = self._message(req, "complete", CompleteMessage)
+        if isinstance(msg, Response):
+            return msg
+        key, status, stream, truncated = msg.id, msg.status, msg.stream, msg.truncated
+        body = msg.body if isinstance(msg.body, bytes) else msg.body.encode()
         entry = self.in_flight.pop(key, None)
         if entry is None:
             self.stats.unknown_completions += 1
             self.stats.requests["complete", "unknown_id"] += 1
             return Response(204)
         self.stats.requests["complete", "ok"] += 1
-        if isinstance(body, str):
-            body = body.encode()
-        end = t_end * _NS if t_end is not None else self.clock()
-        first = t_first * _NS if t_first is not None else None
+        end = msg.t_end * _NS if msg.t_end is not None else self.clock()
+        first = msg.t_first * _NS if msg.t_first is not None else None
 
         def record() -> None:
             self._record(entry, status, first, end, stream, body, truncated)
@@ -487,18 +482,6 @@ class Service:
         )
         m.create_observable_gauge("ipc_router.config_generation", [single(lambda: self.routing.generation)],
                                   description="How many configs have been loaded.")  # fmt: skip
-
-
-def _field(msg: Mapping[str, Any], key: str, kind: type | tuple[type, ...], required: bool = True) -> Any:
-    v = msg.get(key)
-    if v is None:
-        if required:
-            raise BadMessage(f"missing field {key!r}")
-        return None
-    if not isinstance(v, kind) or (kind is int and isinstance(v, bool)):
-        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise BadMessage(f"field {key!r} must be {names}, got {type(v).__name__}")
-    return v
 
 
 def _unix(iso: str | None, default: int) -> int:
