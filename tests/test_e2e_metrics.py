@@ -230,3 +230,19 @@ def test_otlp_export(backends: Backends, tmp_path: Path) -> None:
     finally:
         receiver.shutdown()
         receiver.server_close()
+
+
+def test_custom_metrics_that_raise_never_fail_the_request(backends: Backends, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "config.yaml", [model_rule("m-broken", "m-broken", "a")], backends)
+    with Stack(str(cfg), metrics="tests.metrics_plugins:broken", metrics_port=free_port()) as s:
+        for _ in range(2):
+            r = request(s.url, "/v1/chat/completions", chat("m-broken"))
+            assert r.status == 200 and r.json()["usage"]["completion_tokens"] > 0
+        assert s.metrics_url
+
+        def errors() -> float:
+            assert s.metrics_url
+            return sum(samples(scrape(s.metrics_url), "ipc_router_plugin_errors_total", plugin="metrics"))
+
+        assert wait_until(lambda: errors() == 2)
+        assert s.sidecar is not None and s.sidecar.poll() is None
