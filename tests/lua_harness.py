@@ -1,9 +1,12 @@
 """Runs envoy/ipc_router.lua under lupa with a fake Envoy stream handle (unit level).
 
-The fake handle mimics the parts of Envoy's Lua API the filter uses, including two behaviours
+The fake handle mimics the parts of Envoy's Lua API the filter uses, including behaviours
 checked against Envoy 1.40: wrappers returned by ``handle:headers()`` stop working after the
-script yields (``body()``, a synchronous ``httpCall()``, each ``bodyChunks()`` step), and
-``respond()`` never returns (the script is suspended for good). Both phases run in a coroutine.
+script yields (``body()``, a synchronous ``httpCall()``, each ``bodyChunks()`` step),
+``respond()`` never returns (the script is suspended for good), and a header map is a list
+(a repeated header is iterated once per value) that cannot be changed while ``pairs()`` iterates
+it. As in Envoy, whose LuaJIT is built with LUA52COMPAT, ``pairs()`` honours ``__pairs``. Both
+phases run in a coroutine.
 """
 
 from __future__ import annotations
@@ -37,14 +40,24 @@ local function copy(t)
   return out
 end
 
--- spec: headers (map), body (string|nil), answer {status=, body=, headers=} | answer_error (string),
+-- spec: headers (map) or header_list (list of {name, value}, in order, names may repeat),
+--       body (string|nil), answer {status=, body=, headers=} | answer_error (string),
 --       chunks (list of strings, response phase), metadata (map: namespace -> table)
+-- rec.list is the header map ({name, value} entries), rec.store name -> first value.
 function H.make(spec)
   local rec = {
-    store = copy(spec.headers), epoch = 0, http_calls = {}, n_http = 0, logs = {}, n_logs = 0,
+    list = {}, store = {}, epoch = 0, http_calls = {}, n_http = 0, logs = {}, n_logs = 0,
     cleared = 0, responded = false, metadata = copy(spec.metadata), chunk_times = {},
-    body_calls = 0, headers_calls = 0,
+    body_calls = 0, headers_calls = 0, iterating = false,
   }
+  if spec.header_list then
+    for i, e in ipairs(spec.header_list) do rec.list[i] = { e[1], e[2] } end
+  else
+    for k, v in pairs(spec.headers or {}) do rec.list[#rec.list + 1] = { k, v } end
+  end
+  for _, e in ipairs(rec.list) do
+    if rec.store[e[1]] == nil then rec.store[e[1]] = e[2] end
+  end
   local handle = {}
 
   local function log(level, msg)
@@ -56,20 +69,49 @@ function H.make(spec)
     rec.epoch = rec.epoch + 1
   end
 
+  local function remove_all(k)
+    local kept = {}
+    for _, e in ipairs(rec.list) do
+      if e[1] ~= k then kept[#kept + 1] = e end
+    end
+    rec.list = kept
+    rec.store[k] = nil
+  end
+
   function handle:headers()
     rec.headers_calls = rec.headers_calls + 1
     local epoch = rec.epoch
-    local proxy = copy(rec.store)
-    local function live()
+    local function live(modify)
       if rec.epoch ~= epoch then error("object used outside of proper scope", 3) end
+      if modify and rec.iterating then error("header map can not be modified while iterating", 3) end
     end
     local methods = {
       get = function(_, k) live(); return rec.store[k] end,
-      replace = function(self, k, v) live(); rec.store[k] = v; rawset(self, k, v) end,
-      add = function(self, k, v) live(); rec.store[k] = v; rawset(self, k, v) end,
-      remove = function(self, k) live(); rec.store[k] = nil; rawset(self, k, nil) end,
+      replace = function(_, k, v)
+        live(true); remove_all(k); rec.list[#rec.list + 1] = { k, v }; rec.store[k] = v
+      end,
+      add = function(_, k, v)
+        live(true); rec.list[#rec.list + 1] = { k, v }
+        if rec.store[k] == nil then rec.store[k] = v end
+      end,
+      remove = function(_, k) live(true); remove_all(k) end,
     }
-    return setmetatable(proxy, { __index = methods })
+    local function iterate()
+      live()
+      local list, i = rec.list, 0
+      rec.iterating = true
+      return function()
+        live()
+        i = i + 1
+        local e = list[i]
+        if e == nil then
+          rec.iterating = false
+          return nil
+        end
+        return e[1], e[2]
+      end
+    end
+    return setmetatable({}, { __index = methods, __pairs = iterate })
   end
 
   function handle:body()
@@ -178,6 +220,17 @@ def new_runtime() -> Any:
     return LUPA.LuaRuntime(encoding=None, unpack_returned_tuples=True)
 
 
+# pairs() honouring __pairs, as in Envoy (its LuaJIT is built with LUAJIT_ENABLE_LUA52COMPAT).
+PAIRS52 = b"""
+local rawpairs, getmetatable, type = pairs, getmetatable, type
+pairs = function(t)
+  local mt = getmetatable(t)
+  if type(mt) == "table" and mt.__pairs then return mt.__pairs(t) end
+  return rawpairs(t)
+end
+"""
+
+
 def loader_code(module_text: str) -> str:
     """The loader the bootstrap generator emits (see envoy/ipc_router.lua's header)."""
     return 'package.preload["ipc_router"] = function(...) ' + module_text + "\nend\n"
@@ -186,8 +239,11 @@ def loader_code(module_text: str) -> str:
 class Lua:
     """A Lua state with the module loaded the way Envoy loads it, plus the fake handle."""
 
-    def __init__(self) -> None:
+    def __init__(self, setup: bytes = b"") -> None:
+        """``setup``: Lua code run before the module is loaded (e.g. a fake ``ffi`` in package.loaded)."""
         self.rt = new_runtime()
+        self.rt.execute(PAIRS52)
+        self.rt.execute(setup)
         text = MODULE_PATH.read_text()
         self.rt.execute(loader_code(text).encode())
         self.M = self.rt.execute(b'return require("ipc_router")')

@@ -472,6 +472,92 @@ def test_repeated_headers_are_joined(lua: Lua) -> None:
     assert py(got) == {b"accept": b"a,b,c", b"x-a": b"1", b"cookie": b"c=1; d=2"}
 
 
+def canonical(data: bytes) -> bool:
+    """``data`` is what msgpack-python packs for the same value, keys in the same order (smallest forms)."""
+    value = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return bool(msgpack.packb(value, use_bin_type=True) == data)
+
+
+def test_route_body_with_repeated_headers(lua: Lua) -> None:
+    """Envoy iterates a repeated header once per value: the body joins them like header_map(), without the
+    client's route/backend headers (however often sent)."""
+    header_list = [
+        [":path", CHAT],
+        ["accept", "a"],
+        ["x-ai-eg-selected-route", "evil"],
+        ["cookie", "c=1"],
+        ["x-request-id", "r1"],
+        ["accept", "b"],
+        ["x-ai-eg-selected-backend", "evil"],
+        ["cookie", "d=2"],
+        ["x-ai-eg-selected-route", "evil2"],
+        ["x-request-id", "r2"],
+        ["x-long", "v" * 300],
+        ["x-" + "k" * 40, ""],
+    ]
+    rec = lua.run(lua.filter(), "on_request", header_list=header_list, body="b" * 300, answer=SET_ANSWER)
+    assert rec.ok and rec.n_http == 1 and rec.n_logs == 0
+    body = rec.http_calls[1].body
+    assert canonical(body)
+    sent = msgpack.unpackb(body, raw=False)
+    assert sent["headers"] == {
+        ":path": CHAT,
+        "accept": "a,b",
+        "cookie": "c=1; d=2",
+        "x-request-id": "r1,r2",
+        "x-long": "v" * 300,
+        "x-" + "k" * 40: "",
+    }
+    assert sent["id"] == "r1,r2" and sent["path"] == CHAT and sent["body"] == b"b" * 300
+    store = py(rec.store)
+    assert b"x-ai-eg-selected-backend" not in store and store[b"x-ai-eg-selected-route"] == b"r1"
+
+
+def test_route_body_with_many_headers(lua: Lua) -> None:
+    header_list = [[":path", CHAT]] + [[f"x-h{i}", f"v{i}"] for i in range(100)] + [["x-h7", "again"]]
+    for _ in range(2):  # the second request reuses the filter's scratch space
+        rec = lua.run(lua.filter(), "on_request", header_list=header_list, body="{}", answer=SET_ANSWER)
+        body = rec.http_calls[1].body
+        assert canonical(body)
+        sent = msgpack.unpackb(body, raw=False)
+        assert len(sent["headers"]) == 101 and sent["headers"]["x-h7"] == "v7,again" and "id" not in sent
+    rec = lua.run(lua.filter(), "on_request", header_list=[[":path", CHAT], ["a", "1"]], body="{}", answer=SET_ANSWER)
+    assert msgpack.unpackb(rec.http_calls[1].body, raw=False)["headers"] == {":path": CHAT, "a": "1"}
+
+
+# A fake FFI whose clock_gettime reads CLOCK: the /route and /complete times for any uptime.
+FAKE_FFI = b"""
+CLOCK = { sec = 0, nsec = 0 }
+package.loaded.ffi = {
+    typeof = function() return function(v) return v end end,
+    cdef = function() end,
+    new = function() return {} end,
+    istype = function() return false end,
+    C = { clock_gettime = function(_, ts) ts.tv_sec, ts.tv_nsec = CLOCK.sec, CLOCK.nsec; return 0 end },
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "sec,nsec",
+    [(0, 0), (0, 127), (4, 294_967_295), (4, 294_967_296), (86_400, 1), (9_007_199, 254_740_993),
+     (2**32 - 1, 999_999_999), (18_446_744_073, 709_551_615)],
+)  # fmt: skip
+def test_times_are_exact_for_any_uptime(sec: int, nsec: int) -> None:
+    """The times ("t", "t_first", "t_end") are the exact nanoseconds, in the smallest msgpack int, past 2^53 too."""
+    lua = Lua(setup=FAKE_FFI)
+    clock = lua.rt.globals().CLOCK
+    clock.sec, clock.nsec = sec, nsec
+    ns = sec * 10**9 + nsec
+    rec = lua.run(lua.filter(), "on_request", headers=BASE_HEADERS, body="{}", answer=SET_ANSWER)
+    body = rec.http_calls[1].body
+    assert canonical(body) and msgpack.unpackb(body)["t"] == ns
+    rec = lua.run(lua.filter(), "on_response", headers={":status": "200"}, chunks=["x"], metadata=ROUTED)
+    body = rec.http_calls[1].body
+    sent = msgpack.unpackb(body)
+    assert canonical(body) and sent["t_first"] == ns and sent["t_end"] == ns
+
+
 def test_set_answer_replaces_headers_and_stores_id(lua: Lua) -> None:
     rec = lua.run(
         lua.filter(), "on_request", headers={**BASE_HEADERS, "x-ai-eg-model": "old"}, body="{}", answer=SET_ANSWER
@@ -630,6 +716,7 @@ def test_non_streaming_body_kept(lua: Lua) -> None:
     assert sent["id"] == "rid-9" and sent["status"] == 200
     assert sent["body"] == "".join(chunks).encode()
     assert sent["stream"] is False and sent["truncated"] is False
+    assert canonical(rec.http_calls[1].body)
     if LUPA.__name__.startswith("lupa.luajit"):
         assert isinstance(sent["t_first"], int) and sent["t_first"] <= sent["t_end"]
         assert abs(sent["t_end"] - time.monotonic_ns()) < 5 * 10**9
@@ -686,6 +773,24 @@ def test_tail_matches_python_for_random_chunks(lua: Lua, seed: int) -> None:
     assert sent["truncated"] is (len(held) > limit)
     assert sent["stream"] is True
     del data
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tail_matches_python_for_long_streams(lua: Lua, seed: int) -> None:
+    rnd = random.Random(1000 + seed)
+    stream = rnd.random() < 0.5
+    limit = rnd.choice([1, 50, 500, 4000])
+    chunks = [
+        rnd.choice(["", "x" * rnd.choice([1, 10, 120, 600, 5000])]) + str(i) for i in range(rnd.randrange(1, 400))
+    ]
+    conf = {"stream_tail_bytes": limit} if stream else {"max_response_body": limit}
+    headers = {":status": "200", "content-type": "text/event-stream" if stream else "application/json"}
+    rec = lua.run(lua.filter(**conf), "on_response", headers=headers, chunks=chunks, metadata=ROUTED)
+    data = "".join(chunks).encode()
+    body = rec.http_calls[1].body
+    sent = complete_call(rec)
+    assert canonical(body)
+    assert sent["body"] == data[-limit:] and sent["truncated"] is (len(data) > limit) and sent["stream"] is stream
 
 
 def test_stream_tail_is_bounded(lua: Lua) -> None:
