@@ -9,6 +9,7 @@ completion is recorded once, usage once at the end, and time per output token is
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -200,6 +201,9 @@ def _usage_of(event: Any) -> Usage | None:
     return Usage(inp, out, tot if isinstance(tot, int) else inp + out)
 
 
+_NON_NULL_USAGE = re.compile(rb'"usage"\s*+:\s*+(?!null)')
+
+
 class UsageScanner:
     """Incremental SSE usage scanner: feed bytes in any pieces; ``usage`` is the first event's non-null usage.
 
@@ -217,14 +221,18 @@ class UsageScanner:
         if self.usage is not None:
             return
         buf = self._buf + data
-        start = 0
-        while self.usage is None:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            self._line(buf[start:nl])
-            start = nl + 1
-        self._buf = b"" if self.usage is not None else buf[start:]
+        end = buf.rfind(b"\n")
+        if end < 0:
+            self._buf = buf
+            return
+        # Only lines with a non-null "usage" can carry it: let the regex engine skip the rest.
+        found = _NON_NULL_USAGE.search(buf, 0, end)
+        while found is not None and self.usage is None:
+            start = buf.rfind(b"\n", 0, found.start()) + 1
+            stop = buf.find(b"\n", found.end(), end + 1)
+            self._line(buf[start:stop])
+            found = _NON_NULL_USAGE.search(buf, stop, end)
+        self._buf = b"" if self.usage is not None else buf[end + 1 :]
 
     def close(self) -> Usage | None:
         """End of stream: a last line without a newline still counts."""
@@ -235,10 +243,6 @@ class UsageScanner:
 
     def _line(self, line: bytes) -> None:
         if not line.startswith(b"data: "):
-            return
-        # Most events carry no usage, or "usage": null; skip them without parsing JSON.
-        at = line.find(b'"usage"')
-        if at < 0 or line[at + 7 :].lstrip(b" \t:").startswith(b"null"):
             return
         payload = line[6:].strip()
         if not payload or payload == b"[DONE]":

@@ -675,3 +675,17 @@ def test_stream_tail_starting_mid_usage_line_is_skipped() -> None:
     assert extract_usage(tail, stream=True) is None
     # ... and a later complete usage event is still found.
     assert extract_usage(tail + sse(USAGE_EVENT), stream=True) == Usage(8, 377, 385)
+
+
+def test_usage_scan_skips_null_usage_spellings_and_decoys_in_content() -> None:
+    stream = (
+        b'data: {"choices":[{"delta":{"content":"say \\"usage\\": {1}"}}],"usage":null}\n\n'
+        b'data: {"choices":[],"usage" :  null}\n\n'
+        b'data: {"choices":[],"usage": {"prompt_tokens": 4, "completion_tokens": 6, "total_tokens": 10}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    assert extract_usage(stream, stream=True) == Usage(4, 6, 10)
+    scanner = UsageScanner()
+    for i in range(len(stream)):
+        scanner.feed(stream[i : i + 1])
+    assert scanner.close() == Usage(4, 6, 10)
