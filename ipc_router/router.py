@@ -12,6 +12,7 @@ import inspect
 import itertools
 import math
 import random
+import re
 import threading
 from collections.abc import Awaitable, Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from functools import reduce
@@ -28,24 +29,44 @@ class DefaultRouter:
     OR-ed) wins. ``Exact`` compares strings, ``RegularExpression`` must match the whole value."""
 
     def __init__(self, config: Config) -> None:
-        # Flattened once: (header name, match, rule name) in rule order.
-        self._matches = tuple((h.name, h, r.name) for r in config.rules for h in r.headers)
-        self.cache_key_headers: tuple[str, ...] = tuple(dict.fromkeys(name for name, _, _ in self._matches))
+        # Indexed once per config, so that a request costs one dict lookup per header the rules name plus the
+        # regexes of earlier rules, not one test per rule: per header name, the first rule of each exact value
+        # and the (rule index, pattern) list of regex entries in rule order.
+        self._rules = tuple(r.name for r in config.rules)
+        self._exact: dict[str, dict[str, int]] = {}
+        self._regex: dict[str, list[tuple[int, re.Pattern[str]]]] = {}
+        for i, rule in enumerate(config.rules):
+            for h in rule.headers:
+                self._exact.setdefault(h.name, {})
+                self._regex.setdefault(h.name, [])
+                if h.pattern is None:
+                    self._exact[h.name].setdefault(h.value, i)
+                else:
+                    self._regex[h.name].append((i, h.pattern))
+        self._index = tuple((name, self._exact[name], tuple(self._regex[name])) for name in self._exact)
+        self.cache_key_headers: tuple[str, ...] = tuple(self._exact)
 
     def calculate(self, request_headers: Mapping[str, str]) -> str:
         get = request_headers.get
-        for name, match, rule in self._matches:
+        best = len(self._rules)
+        for name, exact, regexes in self._index:
             value = get(name)
-            if value is not None and match.matches(value):
-                return rule
-        raise x.NoMatchingRuleError()
+            if value is None:
+                continue
+            best = min(best, exact.get(value, best))
+            for i, pattern in regexes:
+                if i >= best:
+                    break
+                if pattern.fullmatch(value):
+                    best = i
+                    break
+        if best == len(self._rules):
+            raise x.NoMatchingRuleError()
+        return self._rules[best]
 
 
 class UnknownRuleError(LookupError):
     """A (custom) router named a rule that the config does not have."""
-
-
-_MISS = object()
 
 
 class RouteCache:
