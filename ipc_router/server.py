@@ -22,7 +22,7 @@ import orjson
 
 from ipc_router import x
 from ipc_router.filterapi import Config, ConfigError, default_config, load_config
-from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, load_plugin
+from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
@@ -74,9 +74,16 @@ def _read_config(path: str | None) -> Config:
 def load_routing(
     path: str | None, new_custom_router: x.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
 ) -> Routing:
-    """Read the config (missing file: default config) and build its routing. Raises ConfigError, or whatever a
-    custom router factory raises."""
-    return Routing(_read_config(path), new_custom_router, cache_size=cache_size, generation=generation)
+    """Read the config (missing file: default config) and build its routing. Raises ConfigError, or PluginError
+    when a custom router factory raises."""
+    config = _read_config(path)
+    try:
+        return Routing(config, new_custom_router, cache_size=cache_size, generation=generation)
+    except Exception as e:
+        if new_custom_router is None:
+            raise
+        name = getattr(new_custom_router, "__qualname__", repr(new_custom_router))
+        raise PluginError(f"custom router factory {name} raised {type(e).__name__}: {e}") from e
 
 
 class _SidecarProtocol(asyncio.Protocol):
@@ -245,10 +252,10 @@ class Sidecar:
             self.service.stats.reloads["error"] += 1
             log.error("config reload failed, keeping generation %d: %s", self.generation, e)
             return False
-        except Exception as e:
+        except PluginError as e:
             self.service.stats.reloads["error"] += 1
             self.service.stats.plugin_errors["router_factory"] += 1
-            log.exception("custom router factory failed on reload, keeping generation %d: %s", self.generation, e)
+            log.error("config reload failed, keeping generation %d: %s", self.generation, e, exc_info=e.__cause__)
             return False
         self.generation += 1
         self.service.routing = routing

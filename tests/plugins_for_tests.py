@@ -163,3 +163,7 @@ class RaisingMetrics:
 
 def raising_metrics(meter: Meter) -> x.ChatCompletionMetrics:
     return RaisingMetrics()
+
+
+def factory_that_raises(default_router: x.Router, config: Config) -> x.Router:
+    raise RuntimeError("cannot build a router for this config")

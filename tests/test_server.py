@@ -528,6 +528,10 @@ def test_async_router_slower_than_router_timeout_is_504(client: Client) -> None:
         (("--metrics", "nosuchmodule:x"), "module 'nosuchmodule' not found"),
         (("--metrics", "plugins_for_tests:NOT_CALLABLE"), "is not callable"),
         (("--metrics-request-header-attributes", "x-team"), "bad header attribute mapping 'x-team'"),
+        (
+            ("--router", "plugins_for_tests:factory_that_raises"),
+            "custom router factory factory_that_raises raised RuntimeError: cannot build a router for this config",
+        ),
     ],
 )
 def test_plugin_loading_errors_exit_1(tmp: Path, args: tuple[str, ...], message: str) -> None:
