@@ -141,6 +141,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
             failure_mode=args.failure_mode,
             fallback_route=args.fallback_route,
             passthrough=args.passthrough,
+            llm_paths=args.llm_path or ("/v1/chat/completions",),
+            route_timeout_ms=args.route_timeout_ms,
         )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -177,6 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed")
     envoy.add_argument("--fallback-route", help="rule used by fail_open when the sidecar is unavailable")
     envoy.add_argument("--passthrough", help="http://host:port for requests no rule takes (default: JSON 404)")
+    envoy.add_argument(
+        "--llm-path", action="append", help="a path the filter routes through the sidecar, repeatable "
+        "(default: /v1/chat/completions); other paths pass through untouched",
+    )  # fmt: skip
+    envoy.add_argument("--route-timeout-ms", type=int, default=250, help="how long the filter waits for /route")
     envoy.set_defaults(func=_envoy_config)
     return parser
 

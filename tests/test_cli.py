@@ -204,3 +204,21 @@ def test_serve_requires_a_socket(capsys: pytest.CaptureFixture[str]) -> None:
         main(["serve"])
     assert info.value.code == 2
     assert "--socket" in capsys.readouterr().err
+
+
+def test_envoy_config_llm_paths_and_timeout(tmp_path: Path) -> None:
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text("rules:\n- name: r\n  headers: [{name: x-ai-eg-model, value: m}]\n"
+                      "  backends: [{name: b, endpoint: 'http://127.0.0.1:9'}]\n")  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "ipc_router.cli", "envoy-config", "--config", str(config), "--socket", "/tmp/x.sock",
+         "--llm-path", "/v1/chat/completions", "--llm-path", "/v1/embeddings", "--route-timeout-ms", "120"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    doc = yaml.safe_load(out.stdout)
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]["inline_string"]
+    assert 'llm_paths = {"/v1/chat/completions", "/v1/embeddings"}' in lua
+    assert "timeout_ms = 120" in lua
