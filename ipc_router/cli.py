@@ -35,7 +35,8 @@ _HELP = {
     "otlp_interval": "seconds between OTLP pushes",
     "metrics_request_header_attributes": "request headers to add to GenAI metrics, 'x-team-id:team_id,...'",
     "socket_mode": "permissions of the socket file, octal",
-    "router_timeout": "seconds an async custom router may take before the request gets a 504",
+    "router_timeout": "seconds an async custom router may take before the request gets a 504; keep it below the "
+    "Lua filter's timeout_ms (250 ms by default), or the filter gives up first and answers 503",
     "request_ttl": "seconds a routed request waits for its completion before it is expired",
     "max_body": "largest request body in bytes (413 beyond)",
     "max_header": "largest request head in bytes (431 beyond)",

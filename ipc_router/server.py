@@ -54,7 +54,7 @@ class Settings:
     otlp_interval: float = 10.0
     metrics_request_header_attributes: str | None = None
     socket_mode: int = 0o660
-    router_timeout: float = 1.0
+    router_timeout: float = 0.2
     request_ttl: float = 600.0
     max_body: int = DEFAULT_MAX_BODY_BYTES
     max_header: int = DEFAULT_MAX_HEADER_BYTES

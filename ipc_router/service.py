@@ -131,7 +131,7 @@ class Service:
         meter: Meter | None = None,
         metrics_factory: x.NewCustomChatCompletionMetricsFn | None = None,
         header_attributes: Sequence[tuple[str, str]] = (),
-        router_timeout: float = 1.0,
+        router_timeout: float = 0.2,
         request_ttl: float = 600.0,
         max_in_flight: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
