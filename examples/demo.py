@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics_port=METRICS_PORT,
         router=ROUTER,
         metrics=METRICS,
+        env={"PYTHONPATH": str(ROOT)},  # the plugins live in examples/, importable from the repository root
     )
     try:
         stack.start()
