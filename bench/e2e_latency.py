@@ -51,7 +51,7 @@ from typing import Any
 import yaml
 from opentelemetry.metrics import Meter
 
-from ipc_router.envoy_config import SIDECAR_CLUSTER, bootstrap, render
+from ipc_router.envoy_config import SIDECAR_CLUSTER
 from ipc_router.filterapi import (
     DEFAULT_MODEL_NAME_HEADER_KEY,
     DEFAULT_SELECTED_ROUTE_HEADER_KEY,
@@ -59,7 +59,6 @@ from ipc_router.filterapi import (
     SELECTED_BACKEND_HEADER_KEY,
     Backend,
     Config,
-    load_config,
 )
 from ipc_router.mock_backend import new_event_loop
 from ipc_router.protocol import JSON, MSGPACK, encode_body, encode_response
@@ -234,13 +233,8 @@ class DirectStack(Stack):
     def start_sidecar(self, timeout: float = 15.0) -> None:
         pass
 
-    def bootstrap_yaml(self) -> str:
-        doc = bootstrap(
-            load_config(self.config),
-            socket_path=self.socket,
-            listen=f"127.0.0.1:{self.listen_port}",
-            admin=f"127.0.0.1:{self.admin_port}",
-        )
+    def bootstrap_dict(self) -> dict[str, Any]:
+        doc = super().bootstrap_dict()
         resources = doc["static_resources"]
         hcm = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
         host = hcm["route_config"]["virtual_hosts"][0]
@@ -250,7 +244,7 @@ class DirectStack(Stack):
         host["routes"] = [{"name": "direct", "match": {"prefix": "/"}, "route": rule_route["route"]}]
         hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.lua"]
         resources["clusters"] = [c for c in resources["clusters"] if c["name"] != SIDECAR_CLUSTER]
-        return render(doc)
+        return doc
 
 
 class InstantStack(Stack):

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ipc_router.filterapi import load_config
 
@@ -116,10 +117,10 @@ class Stack:
 
     # --- envoy ----------------------------------------------------------------------------------------------------
 
-    def bootstrap_yaml(self) -> str:
-        from ipc_router.envoy_config import bootstrap, render
+    def bootstrap_dict(self) -> dict[str, Any]:
+        from ipc_router.envoy_config import bootstrap
 
-        doc = bootstrap(
+        return bootstrap(
             load_config(self.config),
             socket_path=self.socket,
             listen=f"127.0.0.1:{self.listen_port}",
@@ -128,7 +129,11 @@ class Stack:
             fallback_route=self.fallback_route,
             passthrough=self.passthrough,
         )
-        return render(doc)
+
+    def bootstrap_yaml(self) -> str:
+        from ipc_router.envoy_config import render
+
+        return render(self.bootstrap_dict())
 
     def start_envoy(self, timeout: float = 30.0) -> None:
         path = Path(self.workdir) / "envoy.yaml"
