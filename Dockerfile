@@ -15,8 +15,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY ipc_router ./ipc_router
-COPY envoy/ipc_router.lua ./envoy/ipc_router.lua
-# ipc_router/ipc_router.lua is a symlink to envoy/ipc_router.lua; the wheel carries the file itself. Check from /
+# The Lua filter is package data (ipc_router/lua/). Check from /
 # (not /src, whose ipc_router/ would shadow the installed package) that `ipc-router envoy-config` will find it.
 RUN pip install . \
     && cd / \

@@ -18,7 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ipc_router tests bench examples
 	@if command -v luacheck >/dev/null 2>&1; then \
-		luacheck --no-color --config envoy/.luacheckrc envoy/; \
+		luacheck --no-color --config ipc_router/lua/.luacheckrc ipc_router/lua/; \
 	else \
 		echo "luacheck not installed (apt-get install lua-check); Lua lint SKIPPED"; \
 	fi

@@ -2,7 +2,7 @@
 
 What the generated bootstrap does for one chat request:
 
-1. The Lua filter (``envoy/ipc_router.lua``, embedded in the bootstrap by a small loader, see :func:`lua_loader`)
+1. The Lua filter (``ipc_router/lua/ipc_router.lua``, embedded in the bootstrap by a loader, see :func:`lua_loader`)
    asks the sidecar over a Unix socket (cluster ``ipc_router_sidecar``) which rule and backend serve the request,
    sets ``<selectedRouteHeaderKey>`` and ``x-ai-eg-selected-backend`` and clears the route cache.
 2. Envoy's router re-matches on those headers, in this order:
@@ -89,10 +89,10 @@ class EnvoyConfigError(ValueError):
 
 
 def lua_filter_source() -> str:
-    """The text of the Lua module: ``ipc_router/ipc_router.lua``, package data (in a checkout, a symlink to
-    ``envoy/ipc_router.lua``; in a wheel, the file itself)."""
+    """The text of the Lua module ``ipc_router/lua/ipc_router.lua`` (package data: the same file in a checkout,
+    a wheel and the image)."""
     try:
-        return resources.files("ipc_router").joinpath("ipc_router.lua").read_text(encoding="utf-8")
+        return resources.files("ipc_router").joinpath("lua", "ipc_router.lua").read_text(encoding="utf-8")
     except OSError as e:
         raise EnvoyConfigError(f"cannot read the Lua filter ipc_router.lua from the package: {e}") from e
 

@@ -1,4 +1,4 @@
-"""Runs envoy/ipc_router.lua under lupa with a fake Envoy stream handle (unit level).
+"""Runs ipc_router/lua/ipc_router.lua under lupa with a fake Envoy stream handle (unit level).
 
 The fake handle mimics the parts of Envoy's Lua API the filter uses, including behaviours
 checked against Envoy 1.40: wrappers returned by ``handle:headers()`` stop working after the
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MODULE_PATH = ROOT / "envoy" / "ipc_router.lua"
+MODULE_PATH = ROOT / "ipc_router" / "lua" / "ipc_router.lua"
 
 
 def _lupa_module() -> Any:
@@ -232,7 +232,7 @@ end
 
 
 def loader_code(module_text: str) -> str:
-    """The loader the bootstrap generator emits (see envoy/ipc_router.lua's header)."""
+    """The loader the bootstrap generator emits (see ipc_router/lua/ipc_router.lua's header)."""
     return 'package.preload["ipc_router"] = function(...) ' + module_text + "\nend\n"
 
 

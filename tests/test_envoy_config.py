@@ -38,7 +38,7 @@ from ipc_router.filterapi import Backend, Config, HeaderMatch, RouteRule, load_c
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"
 ENVOY_YAML = ROOT / "envoy" / "envoy.yaml"
-LUA_FILE = ROOT / "envoy" / "ipc_router.lua"
+LUA_FILE = ROOT / "ipc_router" / "lua" / "ipc_router.lua"
 SOCK = "/tmp/ipc_router_test.sock"
 STUB_LUA = (
     "local _M = {} function _M.new() return {on_request=function() end, on_response=function() end} end return _M"
@@ -572,10 +572,10 @@ def test_lua_filter_source_reads_the_repo_file() -> None:
     assert lua_filter_source() == LUA_FILE.read_text(encoding="utf-8")
 
 
-def test_package_lua_is_the_envoy_lua() -> None:
-    # The wheel carries ipc_router/ipc_router.lua; in the checkout it is a link to envoy/ipc_router.lua.
-    packaged = ROOT / "ipc_router" / "ipc_router.lua"
-    assert packaged.is_symlink() and packaged.resolve() == LUA_FILE.resolve()
+def test_package_lua_is_a_real_file() -> None:
+    # Wheel, checkout and image read the same file: package data, not a link to a folder outside the package.
+    assert LUA_FILE.is_file() and not LUA_FILE.is_symlink()
+    assert envoy_config.lua_filter_source() == LUA_FILE.read_text(encoding="utf-8")
 
 
 def test_lua_filter_source_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -587,8 +587,8 @@ def test_lua_filter_source_missing(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setattr(envoy_config, "resources", NoResources)
     with pytest.raises(EnvoyConfigError, match="cannot read the Lua filter"):
         lua_filter_source()
-    (tmp_path / "site-packages" / "ipc_router").mkdir(parents=True)
-    (tmp_path / "site-packages" / "ipc_router" / "ipc_router.lua").write_text("-- packaged\n")
+    (tmp_path / "site-packages" / "ipc_router" / "lua").mkdir(parents=True)
+    (tmp_path / "site-packages" / "ipc_router" / "lua" / "ipc_router.lua").write_text("-- packaged\n")
     assert lua_filter_source() == "-- packaged\n"
 
 
@@ -652,10 +652,11 @@ def test_envoy_validates_with_the_real_lua_filter(tmp_path: Path, failure_mode: 
 
 @needs_envoy
 def test_hand_written_envoy_yaml_validates_with_a_stub_module(tmp_path: Path) -> None:
-    # envoy/envoy.yaml require()s envoy/ipc_router.lua relative to the working directory.
+    # envoy/envoy.yaml require()s ipc_router/lua/ipc_router.lua relative to the working directory.
     (tmp_path / "envoy").mkdir()
+    (tmp_path / "ipc_router" / "lua").mkdir(parents=True)
     shutil.copyfile(ENVOY_YAML, tmp_path / "envoy" / "envoy.yaml")
-    (tmp_path / "envoy" / "ipc_router.lua").write_text(STUB_LUA)
+    (tmp_path / "ipc_router" / "lua" / "ipc_router.lua").write_text(STUB_LUA)
     envoy_validate(Path("envoy/envoy.yaml"), cwd=tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for envoy/ipc_router.lua (msgpack codec and filter logic), run under lupa.
+"""Unit tests for ipc_router/lua/ipc_router.lua (msgpack codec and filter logic), run under lupa.
 
 The Envoy handle is faked here (tests/lua_harness.py); end-to-end tests with a real Envoy live
 elsewhere.
@@ -879,7 +879,9 @@ LUACHECK = shutil.which("luacheck")
 
 @pytest.mark.skipif(LUACHECK is None, reason="luacheck not installed (apt-get install lua-check)")
 @pytest.mark.parametrize(
-    "args", [["envoy/"], ["--config", "envoy/.luacheckrc", "envoy/"]], ids=["default", "envoy-luacheckrc"]
+    "args",
+    [["ipc_router/lua/"], ["--config", "ipc_router/lua/.luacheckrc", "ipc_router/lua/"]],
+    ids=["default", "luacheckrc"],
 )
 def test_luacheck_clean(args: list[str]) -> None:
     assert LUACHECK is not None

@@ -1,4 +1,4 @@
--- luacheck configuration for envoy/ (run: luacheck envoy/)
+-- luacheck configuration for ipc_router/lua/ (run: luacheck ipc_router/lua/)
 -- ipc_router.lua is a module: it reads only the LuaJIT standard library and defines no globals
 -- (envoy_on_request/envoy_on_response are defined by the bootstrap's loader, not here).
 std = "luajit"

@@ -1,1 +1,0 @@
-../envoy/ipc_router.lua
