@@ -21,6 +21,7 @@ __all__ = [
     "CompleteMessage",
     "Connection",
     "ProtocolError",
+    "RecordMessage",
     "Request",
     "RouteMessage",
     "decode_body",
@@ -207,6 +208,8 @@ class RouteMessage(msgspec.Struct):
     body: bytes
     t: int | None = None
     id: str | None = None
+    #: The filter will report the completion as a self-contained record (shared-memory fast path).
+    ring: bool = False
 
 
 class RouteMessageJSON(RouteMessage):
@@ -227,15 +230,39 @@ class CompleteMessageJSON(CompleteMessage):
     body: str = ""  # type: ignore[assignment]
 
 
+class RecordMessage(msgspec.Struct):
+    """A self-contained completion: what the Lua filter writes into a shared-memory ring (or POSTs to
+    ``/record``). Times are the filter's ``CLOCK_MONOTONIC`` in nanoseconds."""
+
+    t: int
+    t_end: int
+    status: int
+    model: str
+    rule: str
+    gen: int = 0
+    backend: str | None = None
+    t_first: int | None = None
+    stream: bool = False
+    truncated: bool = False
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    body: bytes = b""
+
+
+class RecordMessageJSON(RecordMessage):
+    body: str = ""  # type: ignore[assignment]
+
+
 _DECODERS: dict[tuple[type[Any], str], Any] = {
     (RouteMessage, MSGPACK): msgspec.msgpack.Decoder(RouteMessage),
     (RouteMessage, JSON): msgspec.json.Decoder(RouteMessageJSON),
     (CompleteMessage, MSGPACK): msgspec.msgpack.Decoder(CompleteMessage),
     (CompleteMessage, JSON): msgspec.json.Decoder(CompleteMessageJSON),
+    (RecordMessage, MSGPACK): msgspec.msgpack.Decoder(RecordMessage),
+    (RecordMessage, JSON): msgspec.json.Decoder(RecordMessageJSON),
 }
 _MSGPACK_ENCODER = msgspec.msgpack.Encoder()
 
-M = TypeVar("M", RouteMessage, CompleteMessage)
+M = TypeVar("M", RouteMessage, CompleteMessage, RecordMessage)
 
 
 def decode_message(body: bytes, content_type: str, kind: type[M]) -> M:

@@ -7,15 +7,12 @@ returns a :class:`Response`, or an awaitable of one when an async router is invo
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
-from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 import orjson
@@ -23,12 +20,13 @@ from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
 from ipc_router import x
 from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
-from ipc_router.metrics import ERROR_TYPE, extract_usage, new_default_chat_completion_metrics
+from ipc_router.ledger import CompletionAggregator, Ledger, Stats
 from ipc_router.protocol import (
     JSON,
     MSGPACK,
     BadMessage,
     CompleteMessage,
+    RecordMessage,
     Request,
     RouteMessage,
     decode_message,
@@ -36,11 +34,20 @@ from ipc_router.protocol import (
 )
 from ipc_router.router import Decision, Routing, UnknownRuleError
 
-__all__ = ["Response", "Service", "Stats", "parse_header_attributes"]
+__all__ = ["FastPathSink", "Response", "Service", "Stats", "parse_header_attributes"]
 
 log = logging.getLogger("ipc_router")
 
-M = TypeVar("M", RouteMessage, CompleteMessage)
+M = TypeVar("M", RouteMessage, CompleteMessage, RecordMessage)
+
+
+class FastPathSink(Protocol):
+    """Where decisions made for the shared-memory fast path go, and completion records come from
+    (:class:`ipc_router.fastpath.FastPath`)."""
+
+    def learn(self, routing: Routing, headers: dict[str, str], decision: Decision) -> None: ...
+
+    def record(self, msg: RecordMessage) -> None: ...
 
 
 class _ChatRequest(msgspec.Struct):
@@ -64,36 +71,19 @@ class Response:
 
 
 @dataclass(slots=True)
-class _InFlight:
-    metrics: x.ChatCompletionMetrics
-    attrs: Mapping[str, str]
-    expires: float
-
-
-@dataclass(slots=True)
 class _Routed:
     """A /route request between its decision and its answer."""
 
     started: float
     fmt: str
+    routing: Routing
     config: Config
     path: str
     headers: dict[str, str]
     model: str
     t: float
-
-
-@dataclass
-class Stats:
-    """The sidecar's own counters (plain ints: reading them costs the hot path nothing)."""
-
-    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
-    plugin_errors: Counter[str] = field(default_factory=Counter)
-    reloads: Counter[str] = field(default_factory=Counter)
-    usage_missing: int = 0
-    expired: int = 0
-    evicted: int = 0
-    unknown_completions: int = 0
+    #: The filter reports the completion as a record (shared-memory fast path), not by ``/complete``.
+    ring: bool
 
 
 def parse_header_attributes(spec: str | None) -> tuple[tuple[str, str], ...]:
@@ -135,20 +125,19 @@ class Service:
         request_ttl: float = 600.0,
         max_in_flight: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        aggregator: CompletionAggregator | None = None,
     ) -> None:
         self.routing = routing
         self.meter: Meter = meter if meter is not None else NoOpMeter("ipc_router")
-        factory = metrics_factory or x.new_custom_chat_completion_metrics or new_default_chat_completion_metrics
-        self.metrics_factory: x.NewCustomChatCompletionMetricsFn = factory
-        self.header_attributes = tuple(header_attributes)
+        self.ledger = Ledger(
+            meter=self.meter, metrics_factory=metrics_factory, header_attributes=header_attributes,
+            request_ttl=request_ttl, max_in_flight=max_in_flight, clock=clock, aggregator=aggregator,
+        )  # fmt: skip
+        self.stats: Stats = self.ledger.stats
         self.router_timeout = router_timeout
-        self.request_ttl = request_ttl
-        self.max_in_flight = max_in_flight
         self.clock = clock
-        self.stats = Stats()
-        self.in_flight: OrderedDict[str, _InFlight] = OrderedDict()
-        self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
+        #: The shared-memory fast path, when the sidecar runs one (see :mod:`ipc_router.fastpath`).
+        self.fast_path: FastPathSink | None = None
         self._models: tuple[Routing, bytes] | None = None
         self._route_duration = self.meter.create_histogram(
             "ipc_router.route.duration", unit="s", description="Time the sidecar spent deciding one route.",
@@ -157,6 +146,15 @@ class Service:
         # Route durations wait here for flush(): a histogram record costs more than the rest of a cached route.
         self._durations: list[float] = []
         self._register_observables()
+
+    @property
+    def in_flight(self) -> Mapping[str, object]:
+        """Routed requests waiting for their ``/complete``."""
+        return self.ledger.in_flight
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop requests whose completion never came (see :meth:`Ledger.expire`)."""
+        return self.ledger.expire(now)
 
     # --- dispatch -------------------------------------------------------------------------------------------------
 
@@ -170,6 +168,10 @@ class Service:
             if method != "POST":
                 return self._reject(req, "complete", 405, "use POST")
             return self.complete(req)
+        if path == "/record":
+            if method != "POST":
+                return self._reject(req, "record", 405, "use POST")
+            return self.record(req)
         if path == "/healthz":
             self.stats.requests["healthz", "ok"] += 1
             return Response(200, orjson.dumps({"status": "ok", "generation": self.routing.generation}), JSON)
@@ -225,7 +227,7 @@ class Service:
             decided = routing.route(headers)
         except Exception as e:
             return self._route_failed(e, model, fmt)
-        routed = _Routed(started, fmt, config, path, headers, model, t)
+        routed = _Routed(started, fmt, routing, config, path, headers, model, t, msg.ring)
         if not isinstance(decided, Decision):
             return self._route_async(decided, routed)
         return self._routed(decided, routed)
@@ -272,23 +274,13 @@ class Service:
     def _routed(self, decided: Decision, r: _Routed) -> Response:
         headers, model, config = r.headers, r.model, r.config
         rule, backend = decided.rule, decided.backend
-        attrs = {attr: headers[h] for h, attr in self.header_attributes if h in headers}
-        metrics = self._new_metrics()
-        if metrics is not None:
-            token = x._event_time.set(r.t)
-            try:
-                metrics.start_request(headers)
-                metrics.set_model(model)
-                if backend is not None:
-                    metrics.set_backend(backend)
-            except Exception:
-                self._metrics_failed()
-                metrics = None
-            finally:
-                x._event_time.reset(token)
-        key = self._id_prefix + str(next(self._ids))
-        if metrics is not None:
-            self._track(key, _InFlight(metrics, attrs, self.clock() + self.request_ttl))
+        key: str | None = None
+        if r.ring and self.fast_path is not None:
+            # The filter reports this request's completion as a self-contained record: nothing to keep here,
+            # and the decision goes to the shared-memory cache for the next request with the same key.
+            self.fast_path.learn(r.routing, headers, decided)
+        else:
+            key = self.ledger.start(headers, model, backend, r.t)
         set_headers = {
             config.model_name_header_key: model,
             config.selected_route_header_key: rule.name,
@@ -299,26 +291,10 @@ class Service:
         self.stats.requests["route", "cached" if decided.cached else "routed"] += 1
         if len(self._durations) < 100_000:
             self._durations.append(time.perf_counter() - r.started)
-        return Response(200, encode_body({"set": set_headers, "id": key}, r.fmt), r.fmt)
-
-    def _new_metrics(self) -> x.ChatCompletionMetrics | None:
-        try:
-            return self.metrics_factory(self.meter)
-        except Exception:
-            self._metrics_failed()
-            return None
-
-    def _metrics_failed(self) -> None:
-        self.stats.plugin_errors["metrics"] += 1
-        log.exception("metrics plugin raised; the request goes on")
-
-    def _track(self, key: str, entry: _InFlight) -> None:
-        table = self.in_flight
-        table[key] = entry
-        self.expire(entry.expires - self.request_ttl)
-        while len(table) > self.max_in_flight:
-            table.popitem(last=False)
-            self.stats.evicted += 1
+        answer: dict[str, Any] = {"set": set_headers}
+        if key is not None:
+            answer["id"] = key
+        return Response(200, encode_body(answer, r.fmt), r.fmt)
 
     def flush(self) -> None:
         """Record buffered route durations (the server calls this off the request path, periodically)."""
@@ -327,64 +303,34 @@ class Service:
         for d in durations:
             record(d)
 
-    def expire(self, now: float | None = None) -> int:
-        """Drop requests whose completion never came (client reset, lost call). Cheap: the table is in age order."""
-        now = self.clock() if now is None else now
-        table = self.in_flight
-        n = 0
-        while table:
-            first = next(iter(table.values()))
-            if first.expires > now:
-                break
-            table.popitem(last=False)
-            n += 1
-        self.stats.expired += n
-        return n
-
     # --- /complete ------------------------------------------------------------------------------------------------
 
     def complete(self, req: Request) -> Response:
         msg = self._message(req, "complete", CompleteMessage)
         if isinstance(msg, Response):
             return msg
-        key, status, stream, truncated = msg.id, msg.status, msg.stream, msg.truncated
         body = msg.body if isinstance(msg.body, bytes) else msg.body.encode()
-        entry = self.in_flight.pop(key, None)
-        if entry is None:
-            self.stats.unknown_completions += 1
+        end = msg.t_end * _NS if msg.t_end is not None else self.clock()
+        first = msg.t_first * _NS if msg.t_first is not None else None
+        record = self.ledger.complete(msg.id, msg.status, first, end, msg.stream, body, msg.truncated)
+        if record is None:
             self.stats.requests["complete", "unknown_id"] += 1
             return Response(204)
         self.stats.requests["complete", "ok"] += 1
-        end = msg.t_end * _NS if msg.t_end is not None else self.clock()
-        first = msg.t_first * _NS if msg.t_first is not None else None
-
-        def record() -> None:
-            self._record(entry, status, first, end, stream, body, truncated)
-
         return Response(204, after=record)
 
-    def _record(
-        self, entry: _InFlight, status: int, first: float | None, end: float, stream: bool, body: bytes, truncated: bool
-    ) -> None:
-        m, attrs = entry.metrics, entry.attrs
-        success = 200 <= status < 300
-        usage = extract_usage(body, stream) if body and (stream or not truncated) else None
-        if success and usage is None:
-            self.stats.usage_missing += 1
-        try:
-            if stream and first is not None:
-                x._event_time.set(first)
-                m.record_token_latency(usage.output_tokens if usage is not None else 0, attrs or None)
-            x._event_time.set(end)
-            if usage is not None:
-                m.record_token_usage(usage.input_tokens, usage.output_tokens, usage.total_tokens, attrs or None)
-            m.record_request_completion(
-                success, attrs if success else {**attrs, ERROR_TYPE: str(status or "incomplete")}
-            )
-        except Exception:
-            self._metrics_failed()
-        finally:
-            x._event_time.set(None)
+    # --- /record --------------------------------------------------------------------------------------------------
+
+    def record(self, req: Request) -> Response:
+        """A self-contained completion record the filter could not put into a ring (full, none free)."""
+        msg = self._message(req, "record", RecordMessage)
+        if isinstance(msg, Response):
+            return msg
+        sink = self.fast_path
+        if sink is None:
+            return self._reject(req, "record", 409, "this sidecar runs no fast path; use /complete")
+        self.stats.requests["record", "ok"] += 1
+        return Response(204, after=lambda: sink.record(msg))
 
     # --- /v1/models, /stats ---------------------------------------------------------------------------------------
 

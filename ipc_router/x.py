@@ -36,6 +36,8 @@ __all__ = [
     "new_custom_chat_completion_metrics",
     "new_custom_router",
     "request_time",
+    "reset_request_time",
+    "set_request_time",
 ]
 
 
@@ -122,6 +124,17 @@ new_custom_chat_completion_metrics: NewCustomChatCompletionMetricsFn | None = No
 
 
 _event_time: contextvars.ContextVar[float | None] = contextvars.ContextVar("ipc_router_event_time", default=None)
+
+
+def set_request_time(t: float | None) -> contextvars.Token[float | None]:
+    """What :func:`request_time` returns from now on in this context, until :func:`reset_request_time`. For
+    whoever drives a :class:`ChatCompletionMetrics` (the sidecar's ledger, tests of a metrics plugin)."""
+    return _event_time.set(t)
+
+
+def reset_request_time(token: contextvars.Token[float | None]) -> None:
+    """Undo the :func:`set_request_time` that returned ``token``."""
+    _event_time.reset(token)
 
 
 def request_time() -> float:

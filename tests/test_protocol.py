@@ -563,7 +563,7 @@ def test_doc_has_the_byte_exact_examples() -> None:
 
 def doc_service() -> Service:
     service = Service(Routing(parse_config(EXAMPLES["config", "yaml"])))
-    service._id_prefix = PINNED_ID_PREFIX  # the one nondeterministic part of an answer: pid and start time
+    service.ledger._id_prefix = PINNED_ID_PREFIX  # the one nondeterministic part of an answer: pid and start time
     return service
 
 

@@ -1039,4 +1039,4 @@ def test_metrics_calls_in_order_with_event_times() -> None:
 
 def test_default_metrics_factory_is_used_without_one(sdk: SDK) -> None:
     svc = service(meter=sdk.meter)
-    assert svc.metrics_factory is new_default_chat_completion_metrics
+    assert svc.ledger.metrics_factory is new_default_chat_completion_metrics
