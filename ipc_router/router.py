@@ -14,14 +14,14 @@ import math
 import random
 import re
 import threading
-from collections.abc import Awaitable, Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from functools import reduce
 from typing import Any, NamedTuple
 
 from ipc_router import x
 from ipc_router.filterapi import Backend, Config, RouteRule
 
-__all__ = ["Decision", "DefaultRouter", "RouteCache", "Routing", "UnknownRuleError", "WeightedPicker"]
+__all__ = ["Decision", "DefaultRouter", "RouteCache", "Routing", "UnknownRuleError", "WeightedPicker", "cache_key"]
 
 
 class DefaultRouter:
@@ -168,6 +168,35 @@ def _smooth_wrr(backends: Sequence[Backend], weights: Sequence[int]) -> Iterator
         yield backends[best]
 
 
+def cache_key(router: x.Router, default_router: DefaultRouter) -> tuple[str, ...] | None:
+    """The route cache's key headers for ``router``, or ``None`` (no cache) when it declares none.
+
+    A custom router's declared ``cache_key_headers`` are joined by the default router's: a router that delegates
+    to the default router (the usual wrapper) returns whatever the default router decides, and that depends on
+    every header the config's rules name. A key lacking one of them would serve one request's decision to
+    another that differs only in that header. More headers in a key only make it more precise, so the union is
+    safe whether or not the router delegates. Names are lower-cased (request headers arrive lower-case) and
+    de-duplicated, declared ones first.
+    """
+    declared: object = getattr(router, "cache_key_headers", None)
+    if declared is None:
+        return None
+    if router is default_router:
+        return tuple(default_router.cache_key_headers)
+    # A string is a collection of one-letter "names": a key that could never be right.
+    if isinstance(declared, str | bytes) or not isinstance(declared, Iterable):
+        raise TypeError(
+            f"cache_key_headers of {type(router).__name__} must be a collection of header names or None, "
+            f"got {declared!r}"
+        )
+    names: list[str] = []
+    for name in declared:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"cache_key_headers of {type(router).__name__} holds {name!r}, not a header name")
+        names.append(name.lower())
+    return tuple(dict.fromkeys((*names, *default_router.cache_key_headers)))
+
+
 class Decision(NamedTuple):
     """A routing decision. (A named tuple: built per request, and cheaper to build than a frozen dataclass.)"""
 
@@ -194,8 +223,8 @@ class Routing:
         factory = new_custom_router if new_custom_router is not None else x.new_custom_router
         self.router: x.Router = factory(self.default_router, config) if factory is not None else self.default_router
         self.custom = self.router is not self.default_router
-        key_headers: Collection[str] | None = getattr(self.router, "cache_key_headers", None)
-        self.cache = RouteCache([h.lower() for h in key_headers], cache_size) if key_headers is not None else None
+        key_headers = cache_key(self.router, self.default_router)
+        self.cache = RouteCache(key_headers, cache_size) if key_headers is not None else None
         self._rules = {r.name: r for r in config.rules}
         self._pickers = {r.name: WeightedPicker(r.backends) for r in config.rules if r.backends}
 

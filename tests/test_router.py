@@ -316,11 +316,86 @@ def test_custom_router_with_cache_key_headers_is_cached_by_those_headers() -> No
     router = Counting(cache_key_headers=("X-AI-EG-Model",))
     routing = Routing(BASIC, lambda d, c: router)
     assert routing.cache is not None
-    assert routing.cache.key_headers == (MODEL,)  # lower-cased
+    # lower-cased, then the default router's key headers (the config's rules also read x-team)
+    assert routing.cache.key_headers == (MODEL, "x-team")
     assert sync(routing.route({MODEL: "gpt-4o", "x-other": "1"})).cached is False
     assert sync(routing.route({MODEL: "gpt-4o", "x-other": "2"})).cached is True  # other headers are not in the key
     assert sync(routing.route({MODEL: "llama"})).rule.name == "team"
     assert router.calls == 2
+
+
+class Delegating:
+    """The README's shape: one header of its own, otherwise whatever the default router says."""
+
+    def __init__(self, default: x.Router, cache_key_headers: Any) -> None:
+        self.default = default
+        self.cache_key_headers = cache_key_headers
+
+    def calculate(self, request_headers: Mapping[str, str]) -> str | Awaitable[str]:
+        if request_headers.get("x-tenant") == "premium":
+            return "premium"
+        return self.default.calculate(request_headers)
+
+
+TIERED = cfg(
+    {"name": "free", "headers": [exact("x-user-tier", "free")], "backends": [{"name": "cheap"}]},
+    {"name": "gpt", "headers": [exact(MODEL, "gpt-4o")], "backends": [{"name": "openai"}]},
+    {"name": "premium", "headers": [exact("x-tenant", "premium")], "backends": [{"name": "pool"}]},
+)
+
+
+def test_delegating_router_cannot_be_served_a_decision_cached_under_a_too_small_key() -> None:
+    """The issue's reproduction: a rule on x-user-tier that the router's declared key does not name."""
+    routing = Routing(TIERED, lambda d, c: Delegating(d, ("x-tenant", MODEL)))
+    assert sync(routing.route({MODEL: "gpt-4o", "x-user-tier": "free"})).rule.name == "free"
+    later = sync(routing.route({MODEL: "gpt-4o"}))
+    assert (later.rule.name, later.cached) == ("gpt", False)
+    assert sync(routing.route({MODEL: "gpt-4o"})).cached is True
+    assert routing.cache is not None
+    assert routing.cache.key_headers == ("x-tenant", MODEL, "x-user-tier")
+
+
+@pytest.mark.parametrize(
+    ("declared", "key"),
+    [
+        ((), (MODEL, "x-user-tier", "x-tenant")),  # "reads no header itself": still the default router's
+        ([], (MODEL, "x-user-tier", "x-tenant")),
+        (frozenset({"X-Tenant"}), ("x-tenant", MODEL, "x-user-tier")),
+        (("X-Tenant", "x-tenant", "X-AI-EG-MODEL"), ("x-tenant", MODEL, "x-user-tier")),  # case, duplicates
+        (("x-region",), ("x-region", MODEL, "x-user-tier", "x-tenant")),
+        (iter(["x-region"]), ("x-region", MODEL, "x-user-tier", "x-tenant")),  # read once
+    ],
+)
+def test_declared_key_is_joined_with_the_default_routers_key(declared: Any, key: tuple[str, ...]) -> None:
+    routing = Routing(
+        cfg(
+            {"name": "gpt", "headers": [exact(MODEL, "gpt-4o")]},
+            {"name": "free", "headers": [exact("x-user-tier", "free"), exact("X-Tenant", "t")]},
+            {"name": "premium", "headers": [exact("x-tenant", "premium")]},
+        ),
+        lambda d, c: Delegating(d, declared),
+    )
+    assert routing.cache is not None
+    assert routing.cache.key_headers == key
+
+
+@pytest.mark.parametrize("declared", ["x-tenant", b"x-tenant", 42, ("x-tenant", 1), ("x-tenant", "")])
+def test_declared_key_that_is_not_a_collection_of_names_is_an_error(declared: Any) -> None:
+    with pytest.raises(TypeError, match="cache_key_headers of Delegating"):
+        Routing(TIERED, lambda d, c: Delegating(d, declared))
+
+
+def test_async_delegating_router_gets_the_joined_key_too() -> None:
+    class AsyncDelegating(Delegating):
+        async def calculate(self, request_headers: Mapping[str, str]) -> str:  # type: ignore[override]
+            result = super().calculate(request_headers)
+            assert isinstance(result, str)
+            return result
+
+    routing = Routing(TIERED, lambda d, c: AsyncDelegating(d, ("x-tenant",)))
+    assert asyncio.run(resolve(routing.route({MODEL: "gpt-4o", "x-user-tier": "free"}))).rule.name == "free"
+    again = asyncio.run(resolve(routing.route({MODEL: "gpt-4o"})))
+    assert (again.rule.name, again.cached) == ("gpt", False)
 
 
 class AsyncRouter:
