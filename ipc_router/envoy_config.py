@@ -18,8 +18,8 @@ What the generated bootstrap does for one chat request:
    no ``endpoint``.
 
 3. One cluster per distinct backend name (see :func:`cluster_name`), built from the backend's ``endpoint``
-   (``http://host:port`` or ``https://host:port``; https gets TLS with SNI and, by default, certificate verification
-   against the system CA bundle).
+   (``http://host[:port]`` or ``https://host[:port]``, ports 80 and 443 by default; https gets TLS with SNI
+   and, by default, certificate verification against the system CA bundle).
 
 Everything here is pure: :func:`bootstrap` returns a dict, :func:`render` turns it into YAML.
 """
@@ -34,11 +34,10 @@ import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
-from ipc_router.filterapi import SELECTED_BACKEND_HEADER_KEY, Config
+from ipc_router.filterapi import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
 
 __all__ = [
     "FAILURE_MODES",
@@ -517,16 +516,11 @@ def _backend_clusters(
 
 
 def _parse_endpoint(endpoint: str, where: str) -> tuple[str, str, int]:
-    u = urlsplit(endpoint)
     try:
-        port = u.port
-    except ValueError:
-        port = None
-    if u.scheme not in ("http", "https") or not u.hostname or u.path not in ("", "/") or u.query or u.fragment:
-        raise EnvoyConfigError(f"{where}.endpoint: expected http://host:port or https://host:port, got {endpoint!r}")
-    if port is None:
-        port = 443 if u.scheme == "https" else 80
-    return u.scheme, u.hostname, port
+        e = parse_endpoint(endpoint)
+    except ValueError as err:
+        raise EnvoyConfigError(f"{where}.endpoint: {err}") from None
+    return e.scheme, e.host, e.port
 
 
 def _is_ip(host: str) -> bool:

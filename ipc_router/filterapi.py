@@ -1,8 +1,9 @@
 """The AI Gateway filter config (v0.2 YAML format), as typed, validated, immutable objects.
 
-A file the AI Gateway controller wrote loads unchanged: keys are camelCase, unknown keys (``uuid``, fields of
-later versions) are ignored. Two optional additions of ours on a backend: ``weight`` and ``endpoint``, plus an
-optional ``server`` section for sidecar settings that may live beside the config.
+A file the AI Gateway controller wrote loads unchanged: keys are camelCase, unknown keys (fields of later
+versions, typos) are ignored and listed in :attr:`Config.warnings` with the known key they most resemble. Two
+optional additions of ours on a backend: ``weight`` and ``endpoint``, plus an optional ``server`` section for
+sidecar settings that may live beside the config.
 
 Every problem is a :class:`ConfigError` naming the file, the key path (``rules[2].headers[0].type``) and what
 is wrong.
@@ -10,8 +11,9 @@ is wrong.
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any, Literal, TypeAlias, cast
@@ -30,6 +32,10 @@ DEFAULT_METADATA_NAMESPACE = "io.envoy.ai_gateway"
 APISchemaName = Literal["OpenAI", "AWSBedrock", "AzureOpenAI"]
 _SCHEMAS: tuple[str, ...] = ("OpenAI", "AWSBedrock", "AzureOpenAI")
 _COST_TYPES = ("InputToken", "OutputToken", "TotalToken", "CEL")
+_TOP_KEYS = (
+    "schema", "modelNameHeaderKey", "selectedRouteHeaderKey", "metadataNamespace", "llmRequestCosts", "rules",
+    "uuid", "server",
+)  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -71,7 +77,8 @@ class Backend:
     schema: VersionedAPISchema = field(default_factory=VersionedAPISchema)
     #: Relative share of the rule's traffic; 0 means never chosen.
     weight: int = 1
-    #: ``http(s)://host:port`` for the Envoy bootstrap generator; ``None`` when Envoy's clusters are hand-written.
+    #: ``http(s)://host[:port]`` for the Envoy bootstrap generator (see :func:`parse_endpoint`); ``None`` when
+    #: Envoy's clusters are hand-written.
     endpoint: str | None = None
     #: The backend's ``auth`` section, kept as given (for the upstream's own use; ipc_router does not inject it).
     auth: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
@@ -112,6 +119,9 @@ class Config:
     rules: tuple[RouteRule, ...] = ()
     uuid: str = ""
     server: ServerSettings = field(default_factory=ServerSettings)
+    #: Unknown keys met while reading (ignored, as the AI Gateway adds keys over time), each as
+    #: ``"rules[0].header: unknown key; did you mean 'headers'?"``.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
 
     def rule(self, name: str) -> RouteRule | None:
         for r in self.rules:
@@ -147,6 +157,49 @@ class Config:
         if server:
             out["server"] = server
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A backend's ``endpoint``, parsed. ``port`` defaults by scheme: 443 for https, 80 for http."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """``http://host[:port]`` or ``https://host[:port]`` (no path beyond ``/``, no query, no user info), the one
+    definition of an endpoint for config validation and the Envoy bootstrap. Raises :class:`ValueError`."""
+    u = urlsplit(endpoint)
+    try:
+        port = u.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    extra = u.query or u.fragment or u.username or u.password or u.path not in ("", "/")
+    if u.scheme not in ("http", "https") or not u.hostname or port == 0 or port == -1 or extra:
+        raise ValueError(f"expected http://host[:port] or https://host[:port], got {endpoint!r}")
+    scheme: Literal["http", "https"] = "https" if u.scheme == "https" else "http"
+    return Endpoint(scheme, u.hostname, port if port is not None else (443 if scheme == "https" else 80))
+
+
+def not_in_bootstrap(started: Config, new: Config) -> Iterator[str]:
+    """What ``new`` routes to that a bootstrap generated from ``started`` has no route or cluster for: rules,
+    backends, and (rule, backend) pairs, described for a log line."""
+    rules = {r.name for r in started.rules}
+    pairs = {(r.name, b.name) for r in started.rules for b in r.backends if b.weight > 0}
+    backends = {b for _, b in pairs}
+    for r in new.rules:
+        if r.name not in rules:
+            yield f"rule {r.name!r} is new"
+            continue
+        for b in r.backends:
+            if b.weight <= 0 or (r.name, b.name) in pairs:
+                continue
+            if b.name not in backends:
+                yield f"backend {b.name!r} of rule {r.name!r} is new"
+            else:
+                yield f"backend {b.name!r} is new in rule {r.name!r}"
 
 
 def _schema_dict(s: VersionedAPISchema) -> dict[str, str]:
@@ -208,6 +261,19 @@ class _Reader:
 
     def __init__(self, source: str | None) -> None:
         self.source = source
+        self.warnings: list[str] = []
+
+    def known(self, m: Mapping[str, Any], path: str, keys: tuple[str, ...]) -> None:
+        """Note each key of ``m`` not in ``keys``, with the known key it most resembles."""
+        for key in m:
+            if key in keys:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            text = str(key)
+            by_case = [k for k in keys if k.lower() == text.lower()]
+            close = by_case or difflib.get_close_matches(text, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.warnings.append(f"{where}: unknown key{hint}")
 
     def fail(self, path: str, message: str) -> ConfigError:
         return ConfigError(message, path, self.source)
@@ -237,6 +303,7 @@ class _Reader:
 
     def config(self, raw: Any) -> Config:
         m = self.mapping(raw, "")
+        self.known(m, "", _TOP_KEYS)
         model_key = self.string(m, "modelNameHeaderKey", "", DEFAULT_MODEL_NAME_HEADER_KEY).lower()
         route_key = self.string(m, "selectedRouteHeaderKey", "", DEFAULT_SELECTED_ROUTE_HEADER_KEY).lower()
         if not model_key:
@@ -263,12 +330,14 @@ class _Reader:
             rules=rules,
             uuid=str(uuid) if uuid is not None else "",
             server=self.server(m.get("server"), "server"),
+            warnings=tuple(self.warnings),
         )
 
     def schema(self, raw: Any, path: str) -> VersionedAPISchema:
         if raw is None:
             return VersionedAPISchema()
         m = self.mapping(raw, path)
+        self.known(m, path, ("name", "version"))
         name = self.string(m, "name", path)
         if name not in _SCHEMAS:
             raise self.fail(f"{path}.name", f"unknown schema {name!r}; expected one of {', '.join(_SCHEMAS)}")
@@ -277,6 +346,7 @@ class _Reader:
 
     def rule(self, raw: Any, path: str) -> RouteRule:
         m = self.mapping(raw, path)
+        self.known(m, path, ("name", "headers", "backends", "modelsOwnedBy", "modelsCreatedAt"))
         name = self.string(m, "name", path)
         if not name:
             raise self.fail(f"{path}.name", "must not be empty")
@@ -304,6 +374,7 @@ class _Reader:
 
     def header(self, raw: Any, path: str) -> HeaderMatch:
         m = self.mapping(raw, path)
+        self.known(m, path, ("type", "name", "value"))
         name = self.string(m, "name", path).lower()
         if not name:
             raise self.fail(f"{path}.name", "must not be empty")
@@ -321,6 +392,7 @@ class _Reader:
 
     def backend(self, raw: Any, path: str) -> Backend:
         m = self.mapping(raw, path)
+        self.known(m, path, ("name", "schema", "weight", "endpoint", "auth"))
         name = self.string(m, "name", path)
         if not name:
             raise self.fail(f"{path}.name", "must not be empty")
@@ -331,14 +403,10 @@ class _Reader:
         if endpoint is not None:
             if not isinstance(endpoint, str):
                 raise self.fail(f"{path}.endpoint", f"expected a string, got {_kind(endpoint)}")
-            u = urlsplit(endpoint)
             try:
-                port = u.port
-            except ValueError:
-                port = None
-            extra = u.query or u.fragment or u.username or u.password or u.path not in ("", "/")
-            if u.scheme not in ("http", "https") or not u.hostname or not port or extra:
-                raise self.fail(f"{path}.endpoint", f"expected http://host:port or https://host:port, got {endpoint!r}")
+                parse_endpoint(endpoint)
+            except ValueError as e:
+                raise self.fail(f"{path}.endpoint", str(e)) from None
         auth = m.get("auth")
         if auth is not None:
             auth = self.mapping(auth, f"{path}.auth")
@@ -352,6 +420,7 @@ class _Reader:
 
     def cost(self, raw: Any, path: str) -> LLMRequestCost:
         m = self.mapping(raw, path)
+        self.known(m, path, ("metadataKey", "type", "cel"))
         key = self.string(m, "metadataKey", path)
         kind = self.string(m, "type", path)
         if kind not in _COST_TYPES:
@@ -365,6 +434,7 @@ class _Reader:
         if raw is None:
             return ServerSettings()
         m = self.mapping(raw, path)
+        self.known(m, path, ("router", "metrics", "metricsRequestHeaderAttributes"))
 
         def opt(key: str) -> str | None:
             return self.string(m, key, path, "") or None

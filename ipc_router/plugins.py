@@ -7,10 +7,12 @@ the object is not callable.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-__all__ = ["METRICS_GROUP", "ROUTERS_GROUP", "PluginError", "load_plugin"]
+__all__ = ["METRICS_GROUP", "ROUTERS_GROUP", "PluginError", "add_app_dir", "load_plugin"]
 
 ROUTERS_GROUP = "ipc_router.routers"
 METRICS_GROUP = "ipc_router.metrics"
@@ -20,17 +22,28 @@ class PluginError(ImportError):
     """A plugin could not be loaded; the message says why."""
 
 
-def load_plugin(spec: str, group: str) -> Any:
+def add_app_dir(app_dir: str) -> str:
+    """Put ``app_dir`` (made absolute) first on ``sys.path`` unless it is there already, as uvicorn's
+    ``--app-dir`` does, so that ``my_router:factory`` finds ``my_router.py`` in it. Returns the absolute path."""
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return path
+
+
+def load_plugin(spec: str, group: str, app_dir: str | None = None) -> Any:
     """Resolve ``"module:attr"`` (``attr`` may be dotted), or a short name registered in entry-point ``group``.
 
-    The result must be callable (a factory).
+    ``app_dir``: a directory searched first for the module (see :func:`add_app_dir`); the CLI passes its
+    ``--app-dir``, the working directory by default. The result must be callable (a factory).
     """
     spec = spec.strip()
     if ":" in spec:
         module_name, _, attr_path = spec.partition(":")
         if not module_name or not attr_path:
             raise PluginError(f"plugin {spec!r}: expected 'module:attribute'")
-        obj = _import_attr(spec, module_name, attr_path)
+        searched = add_app_dir(app_dir) if app_dir is not None else None
+        obj = _import_attr(spec, module_name, attr_path, searched)
     else:
         found = [ep for ep in entry_points(group=group) if ep.name == spec]
         if not found:
@@ -46,12 +59,12 @@ def load_plugin(spec: str, group: str) -> Any:
     return obj
 
 
-def _import_attr(spec: str, module_name: str, attr_path: str) -> Any:
+def _import_attr(spec: str, module_name: str, attr_path: str, app_dir: str | None) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise PluginError(f"plugin {spec!r}: module {module_name!r} not found") from e
+            raise PluginError(_not_found(spec, module_name, app_dir)) from e
         raise PluginError(f"plugin {spec!r}: importing module {module_name!r} failed: {e}") from e
     except Exception as e:
         raise PluginError(f"plugin {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}") from e
@@ -62,3 +75,14 @@ def _import_attr(spec: str, module_name: str, attr_path: str) -> Any:
         except AttributeError:
             raise PluginError(f"plugin {spec!r}: module {module_name!r} has no attribute {attr_path!r}") from None
     return obj
+
+
+def _not_found(spec: str, module_name: str, app_dir: str | None) -> str:
+    where = module_name.replace(".", os.sep)
+    first = f"{app_dir} (--app-dir), then " if app_dir is not None else ""
+    rest = [p or os.getcwd() for p in sys.path if p != app_dir]
+    return (
+        f"plugin {spec!r}: module {module_name!r} not found; looked for {where}.py or {where}/__init__.py in "
+        f"{first}the Python path ({', '.join(rest)}). Run from the directory that holds it, pass --app-dir DIR, "
+        f"or add the directory to PYTHONPATH"
+    )

@@ -21,7 +21,7 @@ from typing import cast
 import orjson
 
 from ipc_router import x
-from ipc_router.filterapi import Config, ConfigError, default_config, load_config
+from ipc_router.filterapi import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
     DEFAULT_MAX_BODY_BYTES,
@@ -61,6 +61,7 @@ class Settings:
     cache_size: int = 4096
     reload_interval: float = 0.5
     drain_timeout: float = 10.0
+    app_dir: str = "."
 
 
 def _read_config(path: str | None) -> Config:
@@ -77,6 +78,8 @@ def load_routing(
     """Read the config (missing file: default config) and build its routing. Raises ConfigError, or PluginError
     when a custom router factory raises."""
     config = _read_config(path)
+    for warning in config.warnings:
+        log.warning("config %s: %s (ignored)", path, warning)
     try:
         return Routing(config, new_custom_router, cache_size=cache_size, generation=generation)
     except Exception as e:
@@ -213,19 +216,20 @@ class Sidecar:
         self.settings = settings
         self.telemetry = telemetry
         config_settings = _read_config(settings.config).server if settings.config else default_config().server
-        router_spec = settings.router or config_settings.router
-        metrics_spec = settings.metrics or config_settings.metrics
+        self.router_spec = router_spec = settings.router or config_settings.router
+        self.metrics_spec = metrics_spec = settings.metrics or config_settings.metrics
         self.new_custom_router: x.NewCustomRouterFn | None = (
-            load_plugin(router_spec, ROUTERS_GROUP) if router_spec else x.new_custom_router
+            load_plugin(router_spec, ROUTERS_GROUP, settings.app_dir) if router_spec else x.new_custom_router
         )
         metrics_factory: x.NewCustomChatCompletionMetricsFn | None = (
-            load_plugin(metrics_spec, METRICS_GROUP) if metrics_spec else None
+            load_plugin(metrics_spec, METRICS_GROUP, settings.app_dir) if metrics_spec else None
         )
         header_attrs = parse_header_attributes(
             settings.metrics_request_header_attributes or config_settings.metrics_request_header_attributes
         )
         self.generation = 1
         routing = load_routing(settings.config, self.new_custom_router, self.generation, settings.cache_size)
+        self.started_with = routing.config  # what the bootstrap of the running Envoy was presumably made from
         self.service = Service(
             routing,
             meter=telemetry.meter if telemetry is not None else None,
@@ -261,6 +265,13 @@ class Sidecar:
         self.service.routing = routing
         self.service.stats.reloads["ok"] += 1
         log.info("config generation %d loaded from %s (%d rules)", self.generation, path, len(routing.config.rules))
+        for missing in not_in_bootstrap(self.started_with, routing.config):
+            log.warning(
+                "config generation %d: %s, which was not in the config the sidecar started with: the running "
+                "Envoy has no route or cluster for it and answers 404 until its bootstrap is regenerated "
+                "(ipc-router envoy-config) and Envoy restarted",
+                self.generation, missing,
+            )  # fmt: skip
         return True
 
     async def _watch(self) -> None:
@@ -283,7 +294,24 @@ class Sidecar:
         self._server = await loop.create_unix_server(lambda: _SidecarProtocol(self), path, backlog=1024)
         os.chmod(path, self.settings.socket_mode)
         self._watcher = asyncio.ensure_future(self._watch())
-        log.info("ipc-router listening on %s (config generation %d)", path, self.generation)
+        for line in self.summary():
+            log.info("%s", line)
+
+    def summary(self) -> list[str]:
+        """What runs, for the start-up log."""
+        s, routing = self.settings, self.service.routing
+        cache = routing.cache
+        keyed = f"route cache keyed by {', '.join(cache.key_headers) or 'nothing'}" if cache else "no route cache"
+        where = f"config {os.path.abspath(s.config)}" if s.config else "no config file (default config)"
+        telemetry = self.telemetry
+        prometheus = telemetry.prometheus_url if telemetry is not None and telemetry.prometheus_url else "off"
+        otlp = f"{s.otlp_endpoint} every {s.otlp_interval:g} s" if s.otlp_endpoint else "off"
+        return [
+            f"ipc-router listening on {s.socket} (mode {s.socket_mode:04o})",
+            f"{where}: generation {self.generation}, {len(routing.config.rules)} rules",
+            f"router: {self.router_spec or ('x.new_custom_router' if routing.custom else 'default')} ({keyed})",
+            f"metrics: {self.metrics_spec or 'default'}; Prometheus: {prometheus}; OTLP: {otlp}",
+        ]
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to ``drain_timeout``), close, unlink the socket."""

@@ -21,6 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 from ipc_router import x
 from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
 from ipc_router.ledger import CompletionAggregator, Ledger, Stats
+from ipc_router.metrics import new_default_chat_completion_metrics
 from ipc_router.protocol import (
     JSON,
     MSGPACK,
@@ -288,7 +289,8 @@ class Service:
         }
         if backend is not None:
             set_headers[SELECTED_BACKEND_HEADER_KEY] = backend.name
-        self.stats.requests["route", "cached" if decided.cached else "routed"] += 1
+        # Both are routed requests; the name says who decided (the router just now, or the cache it filled).
+        self.stats.requests["route", "routed_from_cache" if decided.cached else "routed_by_router"] += 1
         if len(self._durations) < 100_000:
             self._durations.append(time.perf_counter() - r.started)
         answer: dict[str, Any] = {"set": set_headers}
@@ -374,6 +376,10 @@ class Service:
                 "rules": len(routing.config.rules),
                 "custom_router": routing.custom,
             },
+            "plugins": {
+                "router": _plugin_name(routing.router) if routing.custom else "default",
+                "metrics": _plugin_name(self.ledger.metrics_factory),
+            },
             "reloads": dict(s.reloads),
             "plugin_errors": dict(s.plugin_errors),
             "in_flight": len(self.in_flight),
@@ -428,6 +434,14 @@ class Service:
         )
         m.create_observable_gauge("ipc_router.config_generation", [single(lambda: self.routing.generation)],
                                   description="How many configs have been loaded.")  # fmt: skip
+
+
+def _plugin_name(obj: object) -> str:
+    """``module:qualname`` of a plugin object (for a router object, of its class); ``default`` for ours."""
+    if obj is new_default_chat_completion_metrics:
+        return "default"
+    named = obj if hasattr(obj, "__qualname__") else type(obj)
+    return f"{getattr(named, '__module__', '?')}:{getattr(named, '__qualname__', '?')}"
 
 
 def _unix(iso: str | None, default: int) -> int:

@@ -16,6 +16,7 @@ from ipc_router.filterapi import (
     Backend,
     Config,
     ConfigError,
+    Endpoint,
     HeaderMatch,
     LLMRequestCost,
     RouteRule,
@@ -25,6 +26,7 @@ from ipc_router.filterapi import (
     default_config,
     load_config,
     parse_config,
+    parse_endpoint,
 )
 
 # Copied verbatim from ../shared/reference/ai-gateway-behaviour.md ("Filter config (v0.2 format, YAML)").
@@ -241,6 +243,41 @@ def test_unknown_keys_are_tolerated_at_every_level() -> None:
     assert cfg == expected
     # auth is kept as given, unknown keys included.
     assert cfg.rules[0].backends[0].auth == {"apiKey": {"key": "k"}, "futureAuthField": "z"}
+    # ... and every unknown key outside auth is named.
+    assert sorted(w.split(":")[0] for w in cfg.warnings) == sorted([
+        "futureTopLevel",
+        "schema.futureSchemaField",
+        "llmRequestCosts[0].futureCostField",
+        "rules[0].futureRuleField",
+        "rules[0].matches",
+        "rules[0].headers[0].futureHeaderField",
+        "rules[0].backends[0].futureBackendField",
+        "rules[0].backends[0].schema.futureSchemaField",
+        "server.futureServerField",
+    ])
+
+
+@pytest.mark.parametrize(
+    ("text", "warning"),
+    [
+        ("rules: [{name: r, header: [{name: a, value: b}]}]", "rules[0].header: unknown key; did you mean 'headers'?"),
+        ("rules: [{name: r, headers: [{nmae: a, value: b, name: c}]}]", "rules[0].headers[0].nmae: unknown key; "
+         "did you mean 'name'?"),
+        ("modelnameheaderkey: x-model", "modelnameheaderkey: unknown key; did you mean 'modelNameHeaderKey'?"),
+        ("rules: [{name: r, backends: [{name: b, wieght: 2}]}]", "rules[0].backends[0].wieght: unknown key; "
+         "did you mean 'weight'?"),
+        ("server: {routr: m:f}", "server.routr: unknown key; did you mean 'router'?"),
+        ("zzz: 1", "zzz: unknown key"),
+    ],
+)  # fmt: skip
+def test_unknown_key_warning_names_the_closest_known_key(text: str, warning: str) -> None:
+    cfg = parse_config(text)
+    assert cfg.warnings == (warning,)
+
+
+def test_known_keys_give_no_warnings() -> None:
+    assert parse_config(FULL_YAML).warnings == ()
+    assert parse_config(REFERENCE_YAML).warnings == ()
 
 
 # --- defaults ---------------------------------------------------------------------------------------------------
@@ -383,10 +420,16 @@ BAD_CONFIGS = [
         "duplicate backend name 'a' in this rule",
     ),
     (
-        "endpoint-without-port",
-        RULE + "  backends: [{name: a, endpoint: 'http://example.com'}]\n",
+        "endpoint-port-zero",
+        RULE + "  backends: [{name: a, endpoint: 'http://example.com:0'}]\n",
         "rules[0].backends[0].endpoint",
-        "expected http://host:port or https://host:port, got 'http://example.com'",
+        "expected http://host[:port] or https://host[:port], got 'http://example.com:0'",
+    ),
+    (
+        "endpoint-with-user",
+        RULE + "  backends: [{name: a, endpoint: 'https://me@example.com'}]\n",
+        "rules[0].backends[0].endpoint",
+        "got 'https://me@example.com'",
     ),
     (
         "endpoint-wrong-scheme",
@@ -553,6 +596,23 @@ def test_endpoint_with_extra_parts_is_rejected(endpoint: str) -> None:
 def test_good_endpoints_are_accepted(endpoint: str) -> None:
     cfg = config_from_dict({"rules": [{"name": "r", "backends": [{"name": "a", "endpoint": endpoint}]}]})
     assert cfg.rules[0].backends[0].endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "parsed"),
+    [
+        ("https://api.openai.com", Endpoint("https", "api.openai.com", 443)),
+        ("https://api.openai.com/", Endpoint("https", "api.openai.com", 443)),
+        ("http://vllm.internal", Endpoint("http", "vllm.internal", 80)),
+        ("http://10.0.0.1:8000", Endpoint("http", "10.0.0.1", 8000)),
+        ("https://[2001:db8::1]:8443", Endpoint("https", "2001:db8::1", 8443)),
+        ("HTTPS://Example.COM", Endpoint("https", "example.com", 443)),
+    ],
+)
+def test_parse_endpoint_defaults_the_port_by_scheme(endpoint: str, parsed: Endpoint) -> None:
+    assert parse_endpoint(endpoint) == parsed
+    cfg = config_from_dict({"rules": [{"name": "r", "backends": [{"name": "a", "endpoint": endpoint}]}]})
+    assert cfg.rules[0].backends[0].endpoint == endpoint  # kept as written; the config accepts what parses
 
 
 # --- round trips ------------------------------------------------------------------------------------------------

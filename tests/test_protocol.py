@@ -614,7 +614,7 @@ def test_doc_examples_exchange_byte_exact() -> None:
     out, _ = exchange(service, conn, EXAMPLES["missing-field", "request"])
     assert out == EXAMPLES["missing-field", "response"]
     assert service.snapshot()["requests"] == {
-        "route": {"routed": 1, "bad_request": 1},
+        "route": {"routed_by_router": 1, "bad_request": 1},
         "complete": {"ok": 1},
     }
 

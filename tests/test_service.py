@@ -205,7 +205,7 @@ def test_route_sets_headers_and_gives_an_id() -> None:
     }
     assert re.fullmatch(r"[0-9a-f]+-[0-9a-f]+-1", answer["id"])
     assert list(svc.in_flight) == [answer["id"]]
-    assert requests_stats(svc) == {"route": {"routed": 1}}
+    assert requests_stats(svc) == {"route": {"routed_by_router": 1}}
 
 
 def test_route_ids_are_unique_and_the_second_decision_is_cached() -> None:
@@ -213,7 +213,7 @@ def test_route_ids_are_unique_and_the_second_decision_is_cached() -> None:
     ids = [route(svc)["id"] for _ in range(5)]
     assert len(set(ids)) == 5
     assert [i.rsplit("-", 1)[1] for i in ids] == ["1", "2", "3", "4", "5"]
-    assert requests_stats(svc) == {"route": {"routed": 1, "cached": 4}}
+    assert requests_stats(svc) == {"route": {"routed_by_router": 1, "routed_from_cache": 4}}
     assert svc.snapshot()["cache"] == {"enabled": True, "hits": 4, "misses": 1, "size": 1}
 
 
@@ -604,12 +604,13 @@ def test_stats_shape() -> None:
         "requests": {
             "complete": {"ok": 1, "unknown_id": 1},
             "healthz": {"ok": 1},
-            "route": {"cached": 1, "no_match": 1, "routed": 1},
+            "route": {"no_match": 1, "routed_by_router": 1, "routed_from_cache": 1},
             "unknown": {"bad_request": 1},
             "stats": {"ok": 1},
         },
         "cache": {"enabled": True, "hits": 1, "misses": 2, "size": 1},
         "config": {"generation": 3, "rules": 5, "custom_router": True},
+        "plugins": {"router": "plugins_for_tests:TenantRouter", "metrics": "default"},
         "reloads": {},
         "plugin_errors": {},
         "in_flight": 1,
@@ -629,6 +630,15 @@ def test_stats_for_a_router_without_a_cache() -> None:
     assert stats["cache"] == {"enabled": False, "hits": 0, "misses": 0, "size": 0}
     assert stats["config"]["custom_router"] is True
     assert service().snapshot()["config"]["custom_router"] is False
+
+
+def test_stats_name_the_plugins() -> None:
+    assert service().snapshot()["plugins"] == {"router": "default", "metrics": "default"}
+    svc = service(router=tenant_router, metrics_factory=raising_metrics_factory)
+    assert svc.snapshot()["plugins"] == {
+        "router": "plugins_for_tests:TenantRouter",
+        "metrics": "plugins_for_tests:raising_metrics_factory",
+    }
 
 
 # --- custom routers -----------------------------------------------------------------------------------------------
@@ -678,7 +688,7 @@ def test_async_router_returns_an_awaitable_answer() -> None:
     answer = decode(resp)
     assert answer["set"]["x-ai-eg-selected-route"] == "gpt"
     assert answer["id"] in svc.in_flight
-    assert requests_stats(svc) == {"route": {"routed": 1}}
+    assert requests_stats(svc) == {"route": {"routed_by_router": 1}}
 
 
 async def _await(a: Awaitable[Response]) -> Response:
@@ -847,8 +857,8 @@ def test_sidecar_counters_are_exported_as_observables(sdk: SDK) -> None:
     route(svc)
     complete(svc, "nope")
     points = sdk.points()
-    assert sdk.one(points, "ipc_router.requests", endpoint="route", outcome="routed").value == 1
-    assert sdk.one(points, "ipc_router.requests", endpoint="route", outcome="cached").value == 1
+    assert sdk.one(points, "ipc_router.requests", endpoint="route", outcome="routed_by_router").value == 1
+    assert sdk.one(points, "ipc_router.requests", endpoint="route", outcome="routed_from_cache").value == 1
     assert sdk.one(points, "ipc_router.requests", endpoint="complete", outcome="unknown_id").value == 1
     assert sdk.one(points, "ipc_router.route_cache", result="hit").value == 1
     assert sdk.one(points, "ipc_router.route_cache", result="miss").value == 1
@@ -951,7 +961,7 @@ def test_metrics_factory_that_raises_never_fails_the_request() -> None:
     assert answer["set"]["x-ai-eg-selected-route"] == "gpt"
     assert svc.stats.plugin_errors == {"metrics": 1}
     complete(svc, answer["id"], body=USAGE)  # the request was not tracked: 204 all the same
-    assert requests_stats(svc)["route"] == {"routed": 1}
+    assert requests_stats(svc)["route"] == {"routed_by_router": 1}
 
 
 @pytest.mark.parametrize("method", ["start_request", "set_model", "set_backend"])
