@@ -1,4 +1,4 @@
-"""``ipc-router``: serve, check-config, route, envoy-config.
+"""``ipc-router``: serve, check-config, route, envoy-config, mock-backend.
 
 Every ``serve`` option maps to one field of :class:`~ipc_router.server.Settings` and can also be set by the
 environment variable ``IPC_ROUTER_<OPTION>`` (``--metrics-addr`` → ``IPC_ROUTER_METRICS_ADDR``); a flag wins
@@ -19,7 +19,7 @@ from typing import Any
 
 from ipc_router import x
 from ipc_router.filterapi import ConfigError, load_config
-from ipc_router.plugins import ROUTERS_GROUP, PluginError, load_plugin
+from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.router import Decision, Routing
 from ipc_router.server import Settings, load_routing, run
 
@@ -43,7 +43,9 @@ _HELP = {
     "cache_size": "route cache entries",
     "reload_interval": "seconds between config file checks",
     "drain_timeout": "seconds to let in-flight requests finish on SIGTERM",
+    "app_dir": "directory searched first for --router/--metrics modules, as uvicorn's --app-dir",
 }
+_APP_DIR_HELP = _HELP["app_dir"] + " (default: the working directory)"
 
 
 def _env(name: str) -> str | None:
@@ -69,8 +71,10 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         if env is not None:
             default = kind(env)
         required = f.name == "socket" and default is None
-        help_ = _HELP.get(f.name, "") + (f" (default: {default})" if default is not None and f.name != "socket" else "")
-        p.add_argument(flag, dest=f.name, type=kind, default=default, required=required, help=help_)
+        shown = f"{default:04o}" if f.name == "socket_mode" and isinstance(default, int) else default
+        help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if default is not None and f.name != "socket" else "")
+        metavar = "OCTAL" if f.name == "socket_mode" else None
+        p.add_argument(flag, dest=f.name, type=kind, default=default, required=required, help=help_, metavar=metavar)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -84,19 +88,53 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """Errors (exit 1) and warnings: unknown keys (errors with ``--strict``), what ``envoy-config`` will need,
+    and whether the ``server:`` section's plugins import."""
     try:
         config = load_config(args.path)
-        Routing(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.path}: ok ({len(config.rules)} rules, {sum(len(r.backends) for r in config.rules)} backends)")
+    errors: list[str] = []
+    warnings: list[str] = []
+    (errors if args.strict else warnings).extend(f"{args.path}: {w}" for w in config.warnings)
+    for i, rule in enumerate(config.rules):
+        for j, b in enumerate(rule.backends):
+            if b.weight > 0 and b.endpoint is None:
+                warnings.append(
+                    f"{args.path}: rules[{i}].backends[{j}]: backend {b.name!r} of rule {rule.name!r} has no "
+                    "endpoint: ipc-router envoy-config needs one to generate its cluster"
+                )
+    router: x.NewCustomRouterFn | None = None
+    for spec, group, key in ((config.server.router, ROUTERS_GROUP, "router"),
+                             (config.server.metrics, METRICS_GROUP, "metrics")):  # fmt: skip
+        if spec is None:
+            continue
+        try:
+            loaded = load_plugin(spec, group, args.app_dir)
+        except PluginError as e:
+            errors.append(f"{args.path}: server.{key}: {e}")
+            continue
+        if key == "router":
+            router = loaded
+    try:
+        Routing(config, router)
+    except Exception as e:  # the config's router factory, called as the sidecar will
+        errors.append(f"{args.path}: server.router: the factory raised {type(e).__name__}: {e}")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    for err in errors:
+        print(f"error: {err}", file=sys.stderr)
+    if errors:
+        return 1
+    backends = sum(len(r.backends) for r in config.rules)
+    print(f"{args.path}: ok ({len(config.rules)} rules, {backends} backends, {len(warnings)} warnings)")
     return 0
 
 
 def _route(args: argparse.Namespace) -> int:
     try:
-        factory = load_plugin(args.router, ROUTERS_GROUP) if args.router else x.new_custom_router
+        factory = load_plugin(args.router, ROUTERS_GROUP, args.app_dir) if args.router else x.new_custom_router
         routing = load_routing(args.config, factory, 1)
     except (ConfigError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -152,6 +190,12 @@ def _envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mock_backend(args: argparse.Namespace) -> int:
+    from ipc_router import mock_backend
+
+    return mock_backend.run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ipc-router", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--log-level", default=os.environ.get("IPC_ROUTER_LOG_LEVEL", "info"))
@@ -161,8 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_options(serve)
     serve.set_defaults(func=_serve)
 
-    check = sub.add_parser("check-config", help="validate a filter config; exit 1 with the error")
+    check = sub.add_parser(
+        "check-config", help="validate a filter config; exit 1 with the error",
+        description="Validate a filter config: errors exit 1; unknown keys, backends without an endpoint (which "
+        "envoy-config needs) are warnings; the server: section's plugins must import.",
+    )  # fmt: skip
     check.add_argument("path")
+    check.add_argument("--strict", action="store_true", help="unknown keys are errors")
+    check.add_argument("--app-dir", default=".", help=_APP_DIR_HELP)
     check.set_defaults(func=_check_config)
 
     route = sub.add_parser("route", help="print the rule and backend a request would get")
@@ -170,13 +220,16 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("-H", "--header", action="append", default=[], help="'name: value', repeatable")
     route.add_argument("--model", help="the body's model (sets the model header)")
     route.add_argument("--router", help="custom router factory, 'module:attr'")
+    route.add_argument("--app-dir", default=".", help=_APP_DIR_HELP)
     route.set_defaults(func=_route)
 
-    envoy = sub.add_parser("envoy-config", help="print an Envoy bootstrap for a config")
+    envoy = sub.add_parser(
+        "envoy-config", help="print an Envoy bootstrap for a config", formatter_class=_DefaultsFormatter
+    )
     envoy.add_argument("--config", required=True)
     envoy.add_argument("--socket", required=True, help="the sidecar's Unix socket path")
     envoy.add_argument("--listen", default="127.0.0.1:10000", help="HOST:PORT for client traffic")
-    envoy.add_argument("--admin", help="HOST:PORT for Envoy's admin interface")
+    envoy.add_argument("--admin", help="HOST:PORT for Envoy's admin interface (default: none, no admin interface)")
     envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed")
     envoy.add_argument("--fallback-route", help="rule used by fail_open when the sidecar is unavailable")
     envoy.add_argument("--passthrough", help="http://host:port for requests no rule takes (default: JSON 404)")
@@ -186,7 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     envoy.add_argument("--route-timeout-ms", type=int, default=250, help="how long the filter waits for /route")
     envoy.set_defaults(func=_envoy_config)
+
+    from ipc_router.mock_backend import DESCRIPTION, add_arguments
+
+    mock = sub.add_parser(
+        "mock-backend", help="run a mock OpenAI-compatible LLM backend (try the gateway without an LLM)",
+        description=DESCRIPTION, formatter_class=_DefaultsFormatter,
+    )  # fmt: skip
+    add_arguments(mock, log_level=False)  # the top-level --log-level covers it
+    mock.set_defaults(func=_mock_backend)
     return parser
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` for options that have one, and nothing for those whose help already says."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

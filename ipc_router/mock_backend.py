@@ -1,4 +1,5 @@
-"""A mock OpenAI-compatible LLM backend for tests, the demo and benchmarks.
+"""A mock OpenAI-compatible LLM backend, to try the gateway without an LLM; also used by tests, the demo and
+benchmarks.
 
 Plain asyncio + ``httptools`` (HTTP/1.1 with keep-alive and pipelining, chunked responses for SSE) + ``orjson``.
 
@@ -32,8 +33,9 @@ the token delay before each later token chunk. A non-streaming response is sent 
 
 Use it
 ------
-* CLI: ``python -m ipc_router.mock_backend --listen 127.0.0.1:0 --name a``; prints
-  ``mock-backend a listening on http://127.0.0.1:PORT`` on stdout once ready; exits on SIGTERM/SIGINT.
+* CLI: ``ipc-router mock-backend --listen 127.0.0.1:8001 --name a`` (or ``python -m ipc_router.mock_backend``;
+  ``--help`` lists the options and their defaults); prints ``mock-backend a listening on http://127.0.0.1:PORT``
+  on stdout once ready; exits on SIGTERM/SIGINT. Cassettes are read only from ``--cassettes DIR``.
 * In-process (own loop in a daemon thread)::
 
       with MockBackend(name="a") as backend:      # or backend.start() ... backend.stop()
@@ -71,8 +73,6 @@ import yaml
 
 log = logging.getLogger("ipc_router.mock_backend")
 
-CASSETTES_ENV = "IPC_ROUTER_MOCK_CASSETTES"
-_CASSETTES_REL = Path("shared", "testdata", "openai-cassettes")
 _CHAT_PATH = "/v1/chat/completions"
 _REQUESTS_PATH = "/_mock/requests"
 
@@ -92,7 +92,7 @@ class MockConfig:
     first_token_delay: float = 0.0  # seconds
     token_delay: float = 0.0  # seconds
     prompt_tokens: int = 10
-    cassettes: Path | None = None  # None: search (see find_cassette_dir)
+    cassettes: Path | None = None  # the directory x-mock-cassette names files in; None: cassettes are refused
 
 
 @dataclass(frozen=True)
@@ -119,20 +119,6 @@ class RecordedRequest:
     def json_body(self) -> Any:
         """Return the body parsed as JSON."""
         return orjson.loads(self.body)
-
-
-def find_cassette_dir() -> Path | None:
-    """``$IPC_ROUTER_MOCK_CASSETTES``, else the first ``shared/testdata/openai-cassettes`` found in a parent
-    of this file (for the repo layout that is ``<repo>/../shared/...``) or of the working directory."""
-    env = os.environ.get(CASSETTES_ENV)
-    if env:
-        return Path(env)
-    here = Path(__file__).resolve()
-    for base in (*here.parents, *Path.cwd().resolve().parents, Path.cwd().resolve()):
-        candidate = base / _CASSETTES_REL
-        if candidate.is_dir():
-            return candidate
-    return None
 
 
 @dataclass(frozen=True)
@@ -533,7 +519,7 @@ class MockApp:
     async def _replay(self, name: str, out: _Responder, first_delay: float, token_delay: float) -> None:
         if not name or name.startswith(".") or "/" in name or "\\" in name:
             raise _BadOverride(f"invalid x-mock-cassette: {name!r}")
-        base = self.config.cassettes or find_cassette_dir()
+        base = self.config.cassettes
         if base is None:
             await out.send_error(500, "no cassette directory (set --cassettes)", code="cassette_dir_not_found")
             return
@@ -744,16 +730,38 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+DESCRIPTION = (
+    "A mock OpenAI-compatible LLM backend: POST /v1/chat/completions answers with N words (streamed as SSE when "
+    "the request says stream: true, with usage when it asks for it), after the configured delays. Request "
+    "headers override per request: x-mock-tokens, x-mock-prompt-tokens, x-mock-first-token-delay-ms, "
+    "x-mock-token-delay-ms, x-mock-status (400-599), x-mock-cassette (NAME.yaml in --cassettes). "
+    "GET /_mock/requests lists what it received. Prints 'mock-backend NAME listening on URL' when ready."
+)
+
+
+def add_arguments(p: argparse.ArgumentParser, *, log_level: bool = True) -> None:
+    """The mock's options, on ``p`` (``python -m ipc_router.mock_backend`` and ``ipc-router mock-backend``)."""
+    # A string default goes through type= too: --help shows it as written.
+    p.add_argument("--listen", type=parse_listen, default="127.0.0.1:0", metavar="HOST:PORT",
+                   help="where to listen; port 0 picks a free one")  # fmt: skip
+    p.add_argument("--name", default="mock", help="backend name, in the x-mock-backend response header")
+    p.add_argument("--tokens", type=int, default=16, help="completion tokens per response")
+    p.add_argument("--prompt-tokens", type=int, default=10, help="usage.prompt_tokens")
+    p.add_argument("--first-token-delay", type=float, default=0.0, metavar="SECONDS",
+                   help="delay before the first token")  # fmt: skip
+    p.add_argument("--token-delay", type=float, default=0.0, metavar="SECONDS", help="delay before each later token")
+    p.add_argument("--cassettes", type=Path, default=None, metavar="DIR",
+                   help="directory of go-vcr cassettes for x-mock-cassette; without it such requests get 500")
+    if log_level:
+        p.add_argument("--log-level", default="WARNING", help="Python logging level")
+
+
 def _build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ipc_router.mock_backend", description=__doc__.split("\n")[0])
-    p.add_argument("--listen", type=parse_listen, default=("127.0.0.1", 0), metavar="HOST:PORT")
-    p.add_argument("--name", default="mock")
-    p.add_argument("--tokens", type=int, default=16, help="completion tokens per response (default 16)")
-    p.add_argument("--first-token-delay", type=float, default=0.0, metavar="SECONDS")
-    p.add_argument("--token-delay", type=float, default=0.0, metavar="SECONDS")
-    p.add_argument("--prompt-tokens", type=int, default=10, help="usage.prompt_tokens (default 10)")
-    p.add_argument("--cassettes", type=Path, default=None, metavar="DIR", help="go-vcr cassette directory")
-    p.add_argument("--log-level", default="WARNING")
+    p = argparse.ArgumentParser(
+        prog="python -m ipc_router.mock_backend", description=DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )  # fmt: skip
+    add_arguments(p)
     return p
 
 
@@ -773,9 +781,8 @@ async def _amain(config: MockConfig) -> None:
         await app.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _build_arg_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT with the options of :func:`add_arguments`."""
     host, port = args.listen
     config = MockConfig(
         name=args.name,
@@ -791,6 +798,12 @@ def main(argv: list[str] | None = None) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(coro)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_arg_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return run_from_args(args)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ import orjson
 import pytest
 import yaml
 
-from ipc_router.mock_backend import MockApp, MockBackend, MockConfig, find_cassette_dir, serve
+from ipc_router.mock_backend import MockApp, MockBackend, MockConfig, serve
 
 REPO = Path(__file__).resolve().parents[1]
+# The recorded OpenAI responses beside the repository (../shared on the build machine). Tests pass the folder
+# explicitly; the mock itself never looks for one.
 CASSETTES = REPO.parent / "shared" / "testdata" / "openai-cassettes"
 
 needs_cassettes = pytest.mark.skipif(not CASSETTES.is_dir(), reason=f"no cassettes at {CASSETTES}")
@@ -348,12 +350,19 @@ def test_unknown_cassette_is_404(backend: MockBackend) -> None:
     assert chat(backend.port, {"model": "m"}, {"x-mock-cassette": "../secrets"}).status == 400
 
 
-@needs_cassettes
-def test_default_cassette_dir_is_found() -> None:
-    if os.environ.get("IPC_ROUTER_MOCK_CASSETTES"):
-        pytest.skip("overridden by environment")
-    found = find_cassette_dir()
-    assert found is not None and found.resolve() == CASSETTES.resolve()
+def test_without_a_cassette_dir_cassettes_are_refused_wherever_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A folder that looks like the test data, in the working directory and its parent: not searched.
+    (tmp_path / "shared" / "testdata" / "openai-cassettes").mkdir(parents=True)
+    (tmp_path / "shared" / "testdata" / "openai-cassettes" / "chat-basic.yaml").write_text("interactions: []\n")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("IPC_ROUTER_MOCK_CASSETTES", str(tmp_path / "shared" / "testdata" / "openai-cassettes"))
+    with MockBackend(name="nodir") as b:
+        resp = chat(b.port, {"model": "m"}, {"x-mock-cassette": "chat-basic"})
+    assert resp.status == 500
+    assert resp.json()["error"]["code"] == "cassette_dir_not_found"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,10 +491,19 @@ def test_async_serve() -> None:
     asyncio.run(main())
 
 
-def test_cli_subprocess() -> None:
+CLI_FORMS = {
+    "module": [sys.executable, "-m", "ipc_router.mock_backend"],
+    "ipc-router mock-backend": [sys.executable, "-m", "ipc_router.cli", "mock-backend"],
+}
+
+
+@pytest.mark.parametrize("form", CLI_FORMS)
+def test_cli_subprocess(form: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "ipc_router.mock_backend", "--listen", "127.0.0.1:0", "--name", "cli"]
+    cmd = [*CLI_FORMS[form], "--listen", "127.0.0.1:0", "--name", "cli"]
     cmd += ["--tokens", "2", "--prompt-tokens", "4", "--first-token-delay", "0", "--token-delay", "0"]
+    if CASSETTES.is_dir():
+        cmd += ["--cassettes", str(CASSETTES)]
     with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None and proc.stderr is not None
@@ -495,6 +513,8 @@ def test_cli_subprocess() -> None:
             resp = chat(int(m.group(1)), {"model": "m"})
             assert resp.headers["x-mock-backend"] == "cli"
             assert resp.json()["usage"] == {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
+            if CASSETTES.is_dir():
+                assert chat(int(m.group(1)), {"model": "m"}, {"x-mock-cassette": "chat-bad-request"}).status == 400
         finally:
             proc.terminate()
             try:
@@ -502,3 +522,12 @@ def test_cli_subprocess() -> None:
             finally:
                 if proc.poll() is None:
                     proc.kill()
+
+
+@pytest.mark.parametrize("form", CLI_FORMS)
+def test_cli_help_shows_the_defaults(form: str) -> None:
+    out = subprocess.run([*CLI_FORMS[form], "--help"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    for text in ("(default: 127.0.0.1:0)", "--tokens TOKENS completion tokens per response (default: 16)",
+                 "usage.prompt_tokens (default: 10)", "x-mock-cassette"):  # fmt: skip
+        assert text in flat, out
