@@ -226,11 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     envoy = sub.add_parser(
         "envoy-config", help="print an Envoy bootstrap for a config", formatter_class=_DefaultsFormatter
     )
-    envoy.add_argument("--config", required=True)
+    envoy.add_argument("--config", required=True, help="the filter config whose rules and backends get routes")
     envoy.add_argument("--socket", required=True, help="the sidecar's Unix socket path")
     envoy.add_argument("--listen", default="127.0.0.1:10000", help="HOST:PORT for client traffic")
     envoy.add_argument("--admin", help="HOST:PORT for Envoy's admin interface (default: none, no admin interface)")
-    envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed")
+    envoy.add_argument("--failure-mode", choices=["fail_closed", "fail_open"], default="fail_closed",
+                       help="when the sidecar cannot answer: 503, or the fallback rule")  # fmt: skip
     envoy.add_argument("--fallback-route", help="rule used by fail_open when the sidecar is unavailable")
     envoy.add_argument("--passthrough", help="http://host:port for requests no rule takes (default: JSON 404)")
     envoy.add_argument(

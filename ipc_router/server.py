@@ -301,7 +301,9 @@ class Sidecar:
         """What runs, for the start-up log."""
         s, routing = self.settings, self.service.routing
         cache = routing.cache
-        keyed = f"route cache keyed by {', '.join(cache.key_headers) or 'nothing'}" if cache else "no route cache"
+        keyed = "no route cache"
+        if cache is not None:
+            keyed = f"route cache keyed by {', '.join(cache.key_headers) or 'nothing'}"
         where = f"config {os.path.abspath(s.config)}" if s.config else "no config file (default config)"
         telemetry = self.telemetry
         prometheus = telemetry.prometheus_url if telemetry is not None and telemetry.prometheus_url else "off"

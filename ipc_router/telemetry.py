@@ -65,7 +65,7 @@ def start_telemetry(
     """Start the exporters. ``otlp_endpoint`` is the collector's base URL (``http://host:4318``), as in
     ``OTEL_EXPORTER_OTLP_ENDPOINT``; ``/v1/metrics`` is appended unless present."""
     readers: list[MetricReader] = list(extra_readers or [])
-    server = url = collector = None
+    server = prometheus_url = collector = None
     if metrics_addr:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
@@ -77,7 +77,7 @@ def start_telemetry(
         REGISTRY.register(collector)
         server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
         shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{server.server_address[1]}/metrics"
+        prometheus_url = f"http://{shown}:{server.server_address[1]}/metrics"
     if otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
         from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
@@ -89,7 +89,7 @@ def start_telemetry(
             PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=url), export_interval_millis=otlp_interval * 1000)
         )
     provider = MeterProvider(metric_readers=readers, resource=Resource.create({"service.name": "ipc-router"}))
-    return Telemetry(provider, provider.get_meter(METER_NAME), server, readers, url, collector)
+    return Telemetry(provider, provider.get_meter(METER_NAME), server, readers, prometheus_url, collector)
 
 
 class WithoutEmptyLabels:

@@ -55,14 +55,80 @@ def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
 def test_check_config_ok(capsys: pytest.CaptureFixture[str], config: Path) -> None:
     code, out, err = run(capsys, "check-config", str(config))
     assert code == 0
-    assert out == f"{config}: ok (3 rules, 3 backends)\n"
-    assert err == ""
+    assert out == f"{config}: ok (3 rules, 3 backends, 2 warnings)\n"
+    # envoy-config will need endpoints; the weight-0 backend gets no cluster and needs none
+    assert err == (
+        f"warning: {config}: rules[0].backends[0]: backend 'openai' of rule 'gpt' has no endpoint: ipc-router "
+        "envoy-config needs one to generate its cluster\n"
+        f"warning: {config}: rules[1].backends[0]: backend 'premium-backend' of rule 'premium' has no endpoint: "
+        "ipc-router envoy-config needs one to generate its cluster\n"
+    )
+
+
+TYPO = """\
+rules:
+- name: gpt
+  header: [{name: x-ai-eg-model, value: gpt-4o-mini}]
+  backends: [{name: openai, endpoint: "https://api.openai.com", wieght: 2}]
+"""
+
+
+def test_check_config_names_unknown_keys_with_the_closest_known_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text(TYPO)
+    code, out, err = run(capsys, "check-config", str(path))
+    assert (code, out) == (0, f"{path}: ok (1 rules, 1 backends, 2 warnings)\n")
+    assert err == (
+        f"warning: {path}: rules[0].header: unknown key; did you mean 'headers'?\n"
+        f"warning: {path}: rules[0].backends[0].wieght: unknown key; did you mean 'weight'?\n"
+    )
+    code, out, err = run(capsys, "check-config", "--strict", str(path))
+    assert (code, out) == (1, "")
+    assert err == (
+        f"error: {path}: rules[0].header: unknown key; did you mean 'headers'?\n"
+        f"error: {path}: rules[0].backends[0].wieght: unknown key; did you mean 'weight'?\n"
+    )
+
+
+def test_check_config_loads_the_server_sections_plugins(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {router: 'plugins_for_tests:tenant_router', metrics: 'nosuchmodule:f'}\n")
+    code, out, err = run(capsys, "check-config", str(path))
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {path}: server.metrics: plugin 'nosuchmodule:f': module 'nosuchmodule' not found")
+    path.write_text("server: {router: 'plugins_for_tests:missing'}\n")
+    code, out, err = run(capsys, "check-config", str(path))
+    assert code == 1
+    assert "server.router: plugin 'plugins_for_tests:missing': module 'plugins_for_tests' has no attribute" in err
+    path.write_text("server: {router: 'plugins_for_tests:tenant_router', "
+                    "metrics: 'plugins_for_tests:raising_metrics_factory'}\n")  # fmt: skip
+    assert run(capsys, "check-config", str(path))[:2] == (0, f"{path}: ok (0 rules, 0 backends, 0 warnings)\n")
+
+
+def test_check_config_runs_the_router_factory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    (tmp_path / "strrouter.py").write_text(
+        "class R:\n"
+        "    cache_key_headers = 'x-tenant'\n"
+        "    def calculate(self, h): return 'r'\n"
+        "def factory(default, config): return R()\n"
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text("server: {router: 'strrouter:factory'}\n")
+    code, _, err = run(capsys, "check-config", "--app-dir", str(tmp_path), str(path))
+    assert code == 1
+    assert "server.router: the factory raised TypeError: cache_key_headers of R must be a collection" in err
+    sys.modules.pop("strrouter", None)
 
 
 def test_check_config_empty_file_is_ok(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text("")
-    assert run(capsys, "check-config", str(path))[:2] == (0, f"{path}: ok (0 rules, 0 backends)\n")
+    assert run(capsys, "check-config", str(path))[:2] == (0, f"{path}: ok (0 rules, 0 backends, 0 warnings)\n")
 
 
 BAD_CONFIGS = [
@@ -100,7 +166,7 @@ def test_check_config_missing_file(capsys: pytest.CaptureFixture[str], tmp_path:
 
 def test_check_config_subprocess(config: Path, tmp_path: Path) -> None:
     ok = run_subprocess("check-config", str(config))
-    assert (ok.returncode, ok.stdout) == (0, f"{config}: ok (3 rules, 3 backends)\n")
+    assert (ok.returncode, ok.stdout) == (0, f"{config}: ok (3 rules, 3 backends, 2 warnings)\n")
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n- headers: []\n")
     result = run_subprocess("check-config", str(bad))
@@ -222,3 +288,76 @@ def test_envoy_config_llm_paths_and_timeout(tmp_path: Path) -> None:
     lua = hcm["http_filters"][0]["typed_config"]["default_source_code"]["inline_string"]
     assert 'llm_paths = {"/v1/chat/completions", "/v1/embeddings"}' in lua
     assert "timeout_ms = 120" in lua
+
+
+# --- plugins from the working directory (--app-dir) ---------------------------------------------------------------
+
+MY_ROUTER = """\
+def factory(default, config):
+    class Always:
+        def calculate(self, headers):
+            return "llama"
+    return Always()
+"""
+
+
+def test_route_imports_the_router_from_the_working_directory(config: Path, tmp_path: Path) -> None:
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "my_router.py").write_text(MY_ROUTER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IPC_ROUTER_") and k != "PYTHONPATH"}
+    cmd = [sys.executable, "-m", "ipc_router.cli", "route", "--config", str(config), "--router", "my_router:factory"]
+    ok = subprocess.run([*cmd, "--model", "m"], cwd=app, env=env, capture_output=True, text=True, timeout=60)
+    assert (ok.returncode, ok.stdout) == (0, "rule: llama\nbackend: -\n"), ok.stderr
+    elsewhere = subprocess.run([*cmd, "--app-dir", str(app), "--model", "m"], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (elsewhere.returncode, elsewhere.stdout) == (0, "rule: llama\nbackend: -\n"), elsewhere.stderr
+    missing = subprocess.run([*cmd, "--model", "m"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2
+    err = " ".join(missing.stderr.split())
+    assert f"module 'my_router' not found; looked for my_router.py or my_router/__init__.py in {tmp_path} " in err
+    assert "pass --app-dir DIR, or add the directory to PYTHONPATH" in err
+
+
+def test_plugin_not_found_names_the_dotted_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ipc_router.plugins import ROUTERS_GROUP, PluginError, load_plugin
+
+    monkeypatch.setattr(sys, "path", [*sys.path])
+    with pytest.raises(PluginError) as info:
+        load_plugin("pkg.sub:f", ROUTERS_GROUP, app_dir=str(tmp_path))
+    assert f"looked for {os.path.join('pkg', 'sub')}.py or {os.path.join('pkg', 'sub', '__init__.py')} in " \
+        f"{tmp_path} (--app-dir), then the Python path (" in str(info.value)  # fmt: skip
+    assert sys.path[0] == str(tmp_path)
+    load_plugin("plugins_for_tests:tenant_router", ROUTERS_GROUP, app_dir=str(tmp_path))
+    assert sys.path.count(str(tmp_path)) == 1  # added once
+
+
+# --- help -----------------------------------------------------------------------------------------------------------
+
+
+def _help(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit):
+        main([*args, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_serve_help_shows_the_socket_mode_in_octal(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help(capsys, "serve")
+    assert "--socket-mode OCTAL permissions of the socket file, octal (default: 0660)" in out
+    assert "(default: 432)" not in out
+    assert "--app-dir APP_DIR directory searched first for --router/--metrics modules" in out
+
+
+def test_serve_help_shows_a_socket_mode_from_the_environment_in_octal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IPC_ROUTER_SOCKET_MODE", "600")
+    assert "(default: 0600)" in _help(capsys, "serve")
+
+
+def test_envoy_config_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    out = _help(capsys, "envoy-config")
+    assert "--listen LISTEN HOST:PORT for client traffic (default: 127.0.0.1:10000)" in out
+    assert "--admin ADMIN HOST:PORT for Envoy's admin interface (default: none, no admin interface)" in out
+    assert "(default: fail_closed)" in out and "(default: 250)" in out
+    assert "(default: None)" not in out

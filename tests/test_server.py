@@ -756,3 +756,111 @@ def test_metrics_addr_serves_prometheus(tmp: Path, start: Callable[..., Server])
     assert 'ipc_router_requests_total{endpoint="route"' in text
     assert "gen_ai_server_request_duration_seconds_count" in text
     assert 'gen_ai_token_type="input"' in text
+
+
+def test_successful_series_carry_no_empty_error_type(tmp: Path, start: Callable[..., Server]) -> None:
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG_YAML)
+    port = free_port()
+    c = start("--config", str(config), "--metrics-addr", f"127.0.0.1:{port}").client()
+    for status in (500, 200):
+        key = c.route()["id"]
+        assert c.request(http_request("POST", "/complete", msgpack.packb({"id": key, "status": status}))).status == 204
+    c.close()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text: str = r.read().decode()
+            return text
+
+    def duration_counts() -> list[str]:
+        lines = scrape().splitlines()
+        return [line for line in lines if line.startswith("gen_ai_server_request_duration_seconds_count")]
+
+    counts = poll(lambda: (found := duration_counts()) and len(found) == 2 and found, timeout=3)
+    assert len(counts) == 2, counts
+    failed = [line for line in counts if 'error_type="500"' in line]
+    ok = [line for line in counts if "error_type" not in line]
+    assert len(failed) == 1 and len(ok) == 1, counts
+    assert '=""' not in scrape()  # nor any other empty label (otel_scope_version="" and the like)
+
+
+# --- what the sidecar says it runs ----------------------------------------------------------------------------------
+
+
+def test_start_up_log_says_what_runs(tmp: Path, start: Callable[..., Server]) -> None:
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG_YAML + "- name: premium\n  header: [{name: x-tenant, value: premium}]\n")
+    port = free_port()
+    server = start(
+        "--config", str(config), "--router", "plugins_for_tests:tenant_router",
+        "--metrics", "plugins_for_tests:raising_metrics_factory", "--metrics-addr", f"127.0.0.1:{port}",
+        "--otlp-endpoint", "http://127.0.0.1:9", "--otlp-interval", "600", "--socket-mode", "600",
+    )  # fmt: skip
+    out = server.output()
+    assert f"ipc-router listening on {server.socket} (mode 0600)" in out
+    assert f"config {config}: generation 1, 4 rules" in out
+    assert "router: plugins_for_tests:tenant_router (route cache keyed by x-ai-eg-model, x-tenant)" in out
+    assert (
+        f"metrics: plugins_for_tests:raising_metrics_factory; Prometheus: http://127.0.0.1:{port}/metrics; "
+        "OTLP: http://127.0.0.1:9 every 600 s"
+    ) in out
+    assert f"config {config}: rules[3].header: unknown key; did you mean 'headers'? (ignored)" in out
+    c = server.client()
+    assert c.get_json("/stats")["plugins"] == {
+        "router": "plugins_for_tests:TenantRouter", "metrics": "plugins_for_tests:raising_metrics_factory",
+    }  # fmt: skip
+    c.close()
+
+
+def test_start_up_log_without_config_or_exporters(start: Callable[..., Server]) -> None:
+    out = start().output()
+    assert "no config file (default config): generation 1, 0 rules" in out
+    assert "router: default (route cache keyed by nothing)" in out
+    assert "metrics: default; Prometheus: off; OTLP: off" in out
+
+
+def test_router_from_the_app_dir(tmp: Path, start: Callable[..., Server]) -> None:
+    app = tmp / "app"
+    app.mkdir()
+    (app / "my_own_router.py").write_text(
+        "def factory(default, config):\n"
+        "    class Always:\n"
+        "        def calculate(self, headers):\n"
+        "            return 'local'\n"
+        "    return Always()\n"
+    )
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG_YAML)
+    c = start("--config", str(config), "--router", "my_own_router:factory", "--app-dir", str(app)).client()
+    assert rule_of(c.route("gpt-4o")) == "local"
+    c.close()
+    result = cli("serve", "--socket", str(tmp / "t.sock"), "--router", "my_own_router:factory")  # cwd /tmp
+    assert result.returncode == 1
+    assert "module 'my_own_router' not found; looked for my_own_router.py or my_own_router/__init__.py in /tmp " \
+        "(--app-dir)" in " ".join(result.stderr.split())  # fmt: skip
+
+
+def test_reload_adding_what_envoy_lacks_says_to_regenerate_the_bootstrap(
+    tmp: Path, start: Callable[..., Server]
+) -> None:
+    config = tmp / "config.yaml"
+    config.write_text(CONFIG_YAML)
+    server = start("--config", str(config), "--reload-interval", "0.1")
+    c = server.client()
+    config.write_text(
+        CONFIG_YAML.replace("backends: [{name: openai}]", "backends: [{name: openai}, {name: azure}, {name: kserve}]")
+        + "- name: brand-new\n  headers: [{name: x-ai-eg-model, value: n}]\n"
+    )
+    poll(lambda: c.get_json("/healthz")["generation"] == 2)
+    poll(lambda: "brand-new" in server.output())
+    out = " ".join(server.output().split())
+    for what in ("backend 'azure' of rule 'gpt' is new", "backend 'kserve' is new in rule 'gpt'",
+                 "rule 'brand-new' is new"):  # fmt: skip
+        assert (
+            f"config generation 2: {what}, which was not in the config the sidecar started with: the running Envoy "
+            "has no route or cluster for it and answers 404 until its bootstrap is regenerated (ipc-router "
+            "envoy-config) and Envoy restarted"
+        ) in out, out
+    assert rule_of(c.route("n")) == "brand-new"  # the sidecar itself routes it
+    c.close()
