@@ -6,6 +6,8 @@ set of requests through Envoy; prints what happened to each and a summary of the
 
     make demo                      # run, show, stop
     make demo ARGS=--keep-running  # leave it up and print how to try it
+    make demo ARGS='--listen-port 8080 --metrics-port 0'   # other ports (0: any free one)
+    make demo ARGS=--free-ports    # free ports for everything, the mock providers' included
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import argparse
 import http.client
 import json
 import signal
+import socket
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -26,9 +30,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ipc_router.filterapi import load_config  # noqa: E402
+import yaml  # noqa: E402
+
+from ipc_router.filterapi import load_config, parse_endpoint  # noqa: E402
 from ipc_router.mock_backend import MockBackend  # noqa: E402
-from ipc_router.stack import Stack  # noqa: E402
+from ipc_router.stack import Stack, free_port  # noqa: E402
 
 CONFIG = ROOT / "examples" / "config.yaml"
 ROUTER = "examples.custom_router:new_custom_router"
@@ -203,20 +209,53 @@ def print_metrics(metrics_url: str) -> None:
     print("  sidecar requests:", ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())))
 
 
-def start_mocks(quick: bool) -> list[MockBackend]:
-    """One mock provider per distinct endpoint of the config (two backends may share one)."""
-    config = load_config(CONFIG)
+class PortTaken(Exception):
+    """A port the demo needs is in use; the message says which and how to choose another."""
+
+
+def check_free(port: int, what: str, how: str) -> None:
+    """Raise :class:`PortTaken` when something listens on 127.0.0.1:``port``; ``how`` says how to choose another."""
+    with socket.socket() as s:
+        # As the servers will bind: SO_REUSEADDR ignores TIME_WAIT leftovers, not a live listener.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise PortTaken(f"port {port} ({what}) is already in use on 127.0.0.1 ({e.strerror}). {how}") from None
+
+
+def mock_ports(config_path: Path) -> dict[int, list[str]]:
+    """The backend names served on each local port of the config (two backends may share one)."""
     names: dict[int, list[str]] = {}
-    for rule in config.rules:
+    for rule in load_config(config_path).rules:
         for b in rule.backends:
             assert b.endpoint is not None
-            port = int(b.endpoint.rsplit(":", 1)[1])
+            port = parse_endpoint(b.endpoint).port
             if b.name not in names.setdefault(port, []):
                 names[port].append(b.name)
+    return names
+
+
+def config_on_free_ports(workdir: Path) -> Path:
+    """examples/config.yaml with every backend endpoint moved to a free port, written to ``workdir``."""
+    raw = yaml.safe_load(CONFIG.read_text())
+    moved: dict[int, int] = {}
+    for rule in raw["rules"]:
+        for b in rule.get("backends", []):
+            old = parse_endpoint(b["endpoint"]).port
+            new = moved.setdefault(old, free_port())
+            b["endpoint"] = b["endpoint"].replace(f":{old}", f":{new}")
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def start_mocks(quick: bool, config_path: Path = CONFIG) -> list[MockBackend]:
+    """One mock provider per distinct endpoint of the config."""
     delay = 0.0 if quick else 0.05
     mocks = []
     try:
-        for port, backend_names in sorted(names.items()):
+        for port, backend_names in sorted(mock_ports(config_path).items()):
             m = MockBackend(
                 name="+".join(backend_names), port=port, tokens=8, first_token_delay=delay * 2, token_delay=delay
             )
@@ -230,18 +269,57 @@ def start_mocks(quick: bool) -> list[MockBackend]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument("--keep-running", action="store_true", help="leave everything up until Ctrl-C")
     parser.add_argument("--quick", action="store_true", help="no artificial model delays (used by the tests)")
+    parser.add_argument("--listen-port", type=int, default=LISTEN_PORT, help="Envoy's listener; 0: a free port")
+    parser.add_argument("--admin-port", type=int, default=ADMIN_PORT, help="Envoy's admin interface; 0: a free port")
+    parser.add_argument("--metrics-port", type=int, default=METRICS_PORT, help="the sidecar's Prometheus /metrics; "
+                        "0: a free port")  # fmt: skip
+    parser.add_argument("--free-ports", action="store_true", help="free ports for all of them and for the mock "
+                        "providers (whose ports come from examples/config.yaml: the demo then runs a copy of "
+                        "it)")  # fmt: skip
     args = parser.parse_args(argv)
 
+    with tempfile.TemporaryDirectory(prefix="ipr-demo") as tmp:
+        config = CONFIG
+        if args.free_ports:
+            args.listen_port = args.admin_port = args.metrics_port = 0
+            config = config_on_free_ports(Path(tmp))
+        ports = {
+            "listen": args.listen_port or free_port(),
+            "admin": args.admin_port or free_port(),
+            "metrics": args.metrics_port or free_port(),
+        }
+        try:
+            for key, flag, what in (
+                ("listen", "--listen-port", "Envoy's listener"),
+                ("admin", "--admin-port", "Envoy's admin interface"),
+                ("metrics", "--metrics-port", "the sidecar's Prometheus endpoint"),
+            ):
+                how = f"Choose another with {flag} N (0: any free port), e.g. make demo ARGS='{flag} 0'"
+                how += ", or use --free-ports"
+                check_free(ports[key], what, how)
+            for port, names in sorted(mock_ports(config).items()):
+                how = "Run with --free-ports (make demo ARGS=--free-ports) to give the mock providers free ports"
+                check_free(port, f"mock provider {'+'.join(names)}, from {config.name}", how)
+        except PortTaken as e:
+            print(f"demo: {e}", file=sys.stderr)
+            return 1
+        return run(args, config, ports)
+
+
+def run(args: argparse.Namespace, config: Path, ports: dict[str, int]) -> int:
     print("Starting mock providers, the ipc_router sidecar and Envoy ...", flush=True)
-    mocks = start_mocks(args.quick)
+    mocks = start_mocks(args.quick, config)
     stack = Stack(
-        str(CONFIG),
-        listen_port=LISTEN_PORT,
-        admin_port=ADMIN_PORT,
-        metrics_port=METRICS_PORT,
+        str(config),
+        listen_port=ports["listen"],
+        admin_port=ports["admin"],
+        metrics_port=ports["metrics"],
         router=ROUTER,
         metrics=METRICS,
         env={"PYTHONPATH": str(ROOT)},  # the plugins live in examples/, importable from the repository root
@@ -260,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  curl -s {stack.url}/v1/models\n"
                 f"  curl -s {stack.metrics_url} | grep ^gen_ai\n"
                 f"  curl -s --unix-socket {stack.socket} http://sidecar/stats\n"
-                f"  Envoy admin: http://127.0.0.1:{ADMIN_PORT}/\n"
+                f"  Envoy admin: http://127.0.0.1:{stack.admin_port}/\n"
                 f"Stop with Ctrl-C."
             )
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
