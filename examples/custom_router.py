@@ -3,7 +3,7 @@
     ipc-router serve --config examples/config.yaml --socket /tmp/ipc-router.sock \
         --router examples.custom_router:new_custom_router
 
-(run from the repository root so that ``examples`` is importable, or put this file on PYTHONPATH).
+(run from the repository root so that ``examples`` is importable, or give ``--app-dir`` the repository root).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ class TenantRouter:
     def __init__(self, default: Router, has_premium: bool) -> None:
         self.default = default
         self.has_premium = has_premium
-        # The decision depends on these headers only, so ipc_router may cache it keyed by their values.
-        self.cache_key_headers = ("x-tenant", *getattr(default, "cache_key_headers", ()))
+        # The only header this code reads; ipc_router adds the default router's own (the headers the config's
+        # rules name) to the cache key, so delegating to it below cannot be served a stale decision.
+        self.cache_key_headers = ("x-tenant",)
 
     def calculate(self, request_headers: Mapping[str, str]) -> str:
         if self.has_premium and request_headers.get("x-tenant") == "premium":

@@ -66,9 +66,12 @@ class Router(Protocol):
 
     A router is shared by all requests and may be called from several threads at once.
 
-    Optional attribute ``cache_key_headers``: a collection of header names. When a router sets it, its answer
-    is a pure function of those headers' values and ipc_router caches decisions keyed by them (the default
-    router does). Leave it unset, or ``None``, and every request calls ``calculate``.
+    Optional attribute ``cache_key_headers``: a collection of header names (not a string), read once when the
+    router is built. Setting it promises that, for this config, ``calculate``'s answer depends only on the
+    values of those headers (a missing header being a value of its own) plus whatever the default router reads
+    when it is delegated to; ipc_router then caches decisions keyed by those headers joined with the default
+    router's (every header the config's rules name), lower-cased. Leave it unset, or ``None``, and every
+    request calls ``calculate``. See :func:`ipc_router.router.cache_key`.
     """
 
     def calculate(self, request_headers: Mapping[str, str]) -> str | Awaitable[str]: ...
