@@ -76,3 +76,25 @@ def test_readme_metrics_example(examples: dict[str, str]) -> None:
     }
     assert [dict(p.attributes) for p in points["llm.requests.by_tier"]] == [{"tier": "gold", "success": True}]
     assert points["gen_ai.server.request.duration"][0].count == 1
+
+
+def test_readme_gives_the_full_signatures_of_the_metrics_methods() -> None:
+    import inspect
+
+    text = README.read_text()
+    block = text[text.index("class ChatCompletionMetrics(Protocol):") :]
+    block = block[: block.index("```")]
+    documented = {
+        name: " ".join(params.split())
+        for name, params in re.findall(r"def (\w+)\(self, (.*?)\) -> None: \.\.\.", block, re.S)
+    }
+    expected = {}
+    for name, fn in inspect.getmembers(x.ChatCompletionMetrics, inspect.isfunction):
+        if name.startswith("_"):
+            continue
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        expected[name] = ", ".join(
+            f"{p.name}: {p.annotation}" + (f" = {p.default}" if p.default is not inspect.Parameter.empty else "")
+            for p in params
+        )
+    assert documented == expected
