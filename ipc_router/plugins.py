@@ -6,6 +6,7 @@ the object is not callable.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -23,10 +24,12 @@ class PluginError(ImportError):
 
 
 def add_app_dir(app_dir: str) -> str:
-    """Put ``app_dir`` (made absolute) first on ``sys.path`` unless it is there already, as uvicorn's
-    ``--app-dir`` does, so that ``my_router:factory`` finds ``my_router.py`` in it. Returns the absolute path."""
+    """Put ``app_dir`` (made absolute) first on ``sys.path``, as uvicorn's ``--app-dir`` does, so that
+    ``my_router:factory`` finds ``my_router.py`` there before anywhere else. Returns the absolute path."""
     path = os.path.abspath(app_dir)
-    if path not in sys.path:
+    if sys.path[:1] != [path]:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(path)
         sys.path.insert(0, path)
     return path
 

@@ -330,6 +330,9 @@ def test_plugin_not_found_names_the_dotted_path(tmp_path: Path, monkeypatch: pyt
     assert sys.path[0] == str(tmp_path)
     load_plugin("plugins_for_tests:tenant_router", ROUTERS_GROUP, app_dir=str(tmp_path))
     assert sys.path.count(str(tmp_path)) == 1  # added once
+    sys.path.append(str(tmp_path / "later"))
+    load_plugin("plugins_for_tests:tenant_router", ROUTERS_GROUP, app_dir=str(tmp_path / "later"))
+    assert sys.path[0] == str(tmp_path / "later") and sys.path.count(str(tmp_path / "later")) == 1  # moved first
 
 
 # --- help -----------------------------------------------------------------------------------------------------------

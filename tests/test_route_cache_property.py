@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -67,9 +66,7 @@ def readme_router(tmp_path_factory: pytest.TempPathFactory) -> Iterator[x.NewCus
     sys.path.remove(str(app_dir))
 
 
-EXAMPLE_ROUTER: x.NewCustomRouterFn = load_plugin(
-    "examples.custom_router:new_custom_router", ROUTERS_GROUP, app_dir=str(Path(__file__).resolve().parent.parent)
-)
+EXAMPLE_ROUTER: x.NewCustomRouterFn = load_plugin("examples.custom_router:new_custom_router", ROUTERS_GROUP)
 
 
 UNKNOWN = "<not a rule of the config>"  # the README's router names "premium" whether the config has it or not
