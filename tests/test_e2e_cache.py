@@ -1,0 +1,75 @@
+"""Through a real Envoy: the README's router, copied as a user would, cannot be served a wrong route from the
+cache (the issue's reproduction: a rule on a header the router does not declare, listed before the model rules)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ipc_router.stack import Stack
+from tests.e2e import Backends, chat, model_rule, request, start_backends, write_config
+from tests.test_readme import _examples
+
+pytestmark = pytest.mark.envoy
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[Backends]:
+    b = start_backends("free", "gpt", "premium-pool", tokens=2)
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    app = tmp_path_factory.mktemp("app")
+    (app / "my_router.py").write_text(_examples()["my_router"])
+    rules = [
+        {"name": "free", "headers": [{"name": "x-user-tier", "value": "free"}], "backends": [{"name": "free"}]},
+        model_rule("gpt", "gpt-4o", "gpt"),
+        {"name": "premium", "headers": [{"name": "x-tenant", "value": "premium"}],
+         "backends": [{"name": "premium-pool"}]},
+    ]  # fmt: skip
+    cfg = write_config(tmp_path_factory.mktemp("cfg") / "config.yaml", rules, backends)
+    with Stack(str(cfg), router="my_router:new_custom_router", sidecar_args=("--app-dir", str(app))) as s:
+        yield s
+    sys.modules.pop("my_router", None)
+
+
+def backend_of(stack: Stack, headers: dict[str, str]) -> str:
+    r = request(stack.url, "/v1/chat/completions", chat("gpt-4o"), headers)
+    assert r.status == 200, r.body
+    return r.headers["x-mock-backend"]
+
+
+def test_a_header_the_router_does_not_declare_never_leaks_through_the_cache(stack: Stack) -> None:
+    assert backend_of(stack, {"x-user-tier": "free"}) == "free"
+    for _ in range(3):  # before the fix: "free", from the decision cached under (tenant=None, model=gpt-4o)
+        assert backend_of(stack, {}) == "gpt"
+    assert backend_of(stack, {"x-user-tier": "free"}) == "free"
+    assert backend_of(stack, {"x-tenant": "premium"}) == "premium-pool"
+    assert backend_of(stack, {"x-user-tier": "paid"}) == "gpt"
+    # ... and the cache did answer: the repeated keys were served from it, under the joined key
+    stats = sidecar_stats(stack)
+    assert stats["requests"]["route"] == {"routed_by_router": 4, "routed_from_cache": 3}
+    assert stats["plugins"]["router"] == "my_router:TenantRouter"
+
+
+def sidecar_stats(stack: Stack) -> dict[str, Any]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(stack.socket)
+    try:
+        s.sendall(b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    finally:
+        s.close()
+    stats: dict[str, Any] = json.loads(raw.partition(b"\r\n\r\n")[2])
+    return stats
