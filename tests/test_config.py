@@ -710,3 +710,23 @@ def test_server_section_parsed() -> None:
 def test_server_section_empty_strings_mean_unset() -> None:
     assert parse_config("server: {router: '', metrics: null}\n").server == ServerSettings()
     assert parse_config("server: {}\n").server == ServerSettings()
+
+
+def test_not_in_bootstrap_lists_what_a_reload_adds_that_envoy_has_no_route_for() -> None:
+    from ipc_router.filterapi import not_in_bootstrap
+
+    def cfg(*rules: tuple[str, list[tuple[str, int]]]) -> Config:
+        return config_from_dict(
+            {"rules": [{"name": r, "backends": [{"name": b, "weight": w} for b, w in bs]} for r, bs in rules]}
+        )
+
+    started = cfg(("a", [("x", 1), ("off", 0)]), ("b", [("y", 1)]))
+    assert list(not_in_bootstrap(started, started)) == []
+    assert list(not_in_bootstrap(started, cfg(("b", [("y", 5)])))) == []  # weights and removals need nothing
+    assert list(not_in_bootstrap(started, cfg(("a", [("x", 1), ("off", 0), ("z", 0)])))) == []  # weight 0: no route
+    assert list(not_in_bootstrap(started, cfg(("a", [("x", 1), ("off", 1), ("y", 1), ("new", 1)]), ("c", [])))) == [
+        "backend 'off' of rule 'a' is new",  # it had weight 0 at start: no cluster was generated for it
+        "backend 'y' is new in rule 'a'",
+        "backend 'new' of rule 'a' is new",
+        "rule 'c' is new",
+    ]
