@@ -87,13 +87,17 @@ class EnvoyConfigError(ValueError):
 # --------------------------------------------------------------------------------------------------- Lua text
 
 
-def lua_filter_source() -> str:
-    """The text of the Lua module ``ipc_router/lua/ipc_router.lua`` (package data: the same file in a checkout,
-    a wheel and the image)."""
+def lua_filter_source(module: str = "ipc_router") -> str:
+    """The text of a Lua module in ``ipc_router/lua/`` (package data: the same file in a checkout, a wheel and
+    the image): the filter ``ipc_router``, or the fast path's ``ipc_router_shm`` and ``ipc_router_json``."""
     try:
-        return resources.files("ipc_router").joinpath("lua", "ipc_router.lua").read_text(encoding="utf-8")
+        return resources.files("ipc_router").joinpath("lua", f"{module}.lua").read_text(encoding="utf-8")
     except OSError as e:
-        raise EnvoyConfigError(f"cannot read the Lua filter ipc_router.lua from the package: {e}") from e
+        raise EnvoyConfigError(f"cannot read the Lua filter {module}.lua from the package: {e}") from e
+
+
+#: The modules the filter requires when the shared-memory fast path is on.
+FAST_PATH_MODULES = ("ipc_router_shm", "ipc_router_json")
 
 
 # fmt: off
@@ -169,17 +173,19 @@ def _lua_string(s: str) -> str:
     return "".join(out)
 
 
-def lua_loader(lua_source: str, conf: Mapping[str, Any]) -> str:
-    """The Lua filter's inline code: the module text registered under ``package.preload``, then one filter
-    object per Lua state built with ``conf``, and the two entry points Envoy calls."""
-    if not lua_source.strip():
-        raise EnvoyConfigError("the Lua filter source is empty")
-    body = lua_source if lua_source.endswith("\n") else lua_source + "\n"
+def lua_loader(lua_source: str, conf: Mapping[str, Any], modules: Mapping[str, str] | None = None) -> str:
+    """The Lua filter's inline code: the module texts registered under ``package.preload`` (the filter as
+    ``ipc_router``, plus ``modules`` by name), then one filter object per Lua state built with ``conf``, and the
+    two entry points Envoy calls."""
+    preload = []
+    for name, source in {"ipc_router": lua_source, **(modules or {})}.items():
+        if not source.strip():
+            raise EnvoyConfigError(f"the Lua module {name} is empty")
+        body = source if source.endswith("\n") else source + "\n"
+        preload.append(f'package.preload["{name}"] = function(...)\n{body}end\n')
     return (
-        'package.preload["ipc_router"] = function(...)\n'
-        f"{body}"
-        "end\n"
-        f'local filter = require("ipc_router").new({lua_literal(conf)})\n'
+        "".join(preload)
+        + f'local filter = require("ipc_router").new({lua_literal(conf)})\n'
         "function envoy_on_request(handle) filter:on_request(handle) end\n"
         "function envoy_on_response(handle) filter:on_response(handle) end\n"
     )
@@ -225,6 +231,7 @@ def bootstrap(
     tls_ca_file: str | None = None,
     access_log: bool = False,
     passthrough: str | None = None,
+    shm_path: str | None = None,
 ) -> dict[str, Any]:
     """A complete Envoy v3 bootstrap (as a dict) serving ``config`` through the sidecar at ``socket_path``.
 
@@ -246,6 +253,9 @@ def bootstrap(
     :param access_log: log each request to stdout.
     :param passthrough: ``http(s)://host:port`` that receives every request no rule took (non-LLM paths);
         without it such requests get a JSON 404.
+    :param shm_path: the sidecar's shared-memory segment (``ipc_router.fastpath.segment_path``); the filter then
+        serves cached routes itself and writes completion records into rings. ``None``: every request asks the
+        sidecar over the socket.
     """
     if failure_mode not in FAILURE_MODES:
         raise EnvoyConfigError(f"failure_mode must be one of {', '.join(FAILURE_MODES)}, got {failure_mode!r}")
@@ -283,7 +293,11 @@ def bootstrap(
         "backend_header": SELECTED_BACKEND_HEADER_KEY,
         "llm_paths": paths,
     }
-    lua_code = lua_loader(lua_filter_source() if lua_source is None else lua_source, conf)
+    modules: dict[str, str] = {}
+    if shm_path is not None:
+        conf["shm_path"] = shm_path
+        modules = {name: lua_filter_source(name) for name in FAST_PATH_MODULES}
+    lua_code = lua_loader(lua_filter_source() if lua_source is None else lua_source, conf, modules)
 
     clusters, backend_clusters = _backend_clusters(config, tls_verify=tls_verify, tls_ca_file=tls_ca_file)
     upstream = {
