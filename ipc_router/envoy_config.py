@@ -180,7 +180,8 @@ def lua_loader(lua_source: str, conf: Mapping[str, Any], modules: Mapping[str, s
     preload = []
     for name, source in {"ipc_router": lua_source, **(modules or {})}.items():
         if not source.strip():
-            raise EnvoyConfigError(f"the Lua module {name} is empty")
+            what = "the Lua filter source" if name == "ipc_router" else f"the Lua module {name}"
+            raise EnvoyConfigError(f"{what} is empty")
         body = source if source.endswith("\n") else source + "\n"
         preload.append(f'package.preload["{name}"] = function(...)\n{body}end\n')
     return (
