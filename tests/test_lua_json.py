@@ -6,24 +6,31 @@ the rare branches run as machine code too. Every body is scanned many times in a
 give the same answer each time (the first calls run interpreted, the later ones compiled).
 
 The oracle is the sidecar's own decoder (ipc_router.service._CHAT_DECODER, msgspec): the scanner
-may return a value only when msgspec decodes the body to that same non-empty str.
+may return a value only when msgspec decodes the body to that same non-empty str. The last test loads
+the module into a real Envoy's Lua filter (--concurrency 1) and checks it gives the same answers there.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import random
 import string
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lua_harness import LUPA, ROOT
 
 from ipc_router.service import _CHAT_DECODER
+from ipc_router.stack import envoy_binary, free_port, read_tail, stop_process
 
 MODULE = ROOT / "ipc_router" / "lua" / "ipc_router_json.lua"
 
@@ -68,7 +75,7 @@ class Scanner:
         self._scan, self.traces, jit_on, self.max_depth = self.rt.execute(RUNNER, MODULE.read_bytes(), opts.encode())
         assert jit_on is True, "the JIT must be on: the filter runs this module compiled"
 
-    def __call__(self, body: bytes, key: bytes = b"model", reps: int = 60) -> tuple[bytes | None, str | None]:
+    def __call__(self, body: bytes, key: bytes = b"model", reps: int = 30) -> tuple[bytes | None, str | None]:
         v, r = self._scan(body, key, reps)
         return v, (r.decode() if r is not None else None)
 
@@ -549,3 +556,104 @@ def test_long_single_strings(scan: Scanner) -> None:
             (filler.encode() or None),
             None if n else "empty",
         )
+
+
+# ------------------------------------------------------------------------------- inside a real Envoy
+
+ENVOY_LUA = """
+package.preload["ipc_router_json"] = function(...)
+%s
+end
+local top_level_string = require("ipc_router_json").top_level_string
+local function hex(s)
+    return (s:gsub(".", function(c) return string.format("%%02x", c:byte()) end))
+end
+function envoy_on_request(handle)
+    local b = handle:body()
+    local bytes = b and b:getBytes(0, b:length()) or ""
+    local model, why = top_level_string(bytes, "model")
+    handle:headers():replace("x-scan", model and ("v:" .. hex(model)) or ("r:" .. why))
+end
+jit.off(envoy_on_request)  -- as the filter's Envoy-calling functions: the scanner stays compiled
+"""
+
+
+@pytest.fixture(scope="module")
+def envoy_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    port, admin = free_port(), free_port()
+    route = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 200, "body": {"inline_string": "ok"}},
+        "response_headers_to_add": [{"header": {"key": "x-scan", "value": "%REQ(x-scan)%"}}],
+    }
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+        ".HttpConnectionManager",
+        "stat_prefix": "t",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": ENVOY_LUA % MODULE.read_text()},
+                },
+            },
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+            },
+        ],
+    }
+    listener = {
+        "name": "t",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
+    }
+    conf = {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [listener]},
+    }
+    work = tmp_path_factory.mktemp("envoy_json")
+    (work / "envoy.yaml").write_text(yaml.safe_dump(conf))
+    log = work / "envoy.log"
+    cmd = [envoy_binary(), "-c", str(work / "envoy.yaml"), "--concurrency", "1", "--disable-hot-restart"]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"envoy did not start:\n{read_tail(log)}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.envoy
+def test_inside_envoy(envoy_port: int, eager: Scanner) -> None:
+    rnd = random.Random(3)
+    bodies = [v for v, _ in VECTORS if len(v) < 4000]
+    bodies += [chat_body(kib * 1024, rnd, model=f"m-{kib}-é") for kib in (1, 16, 64)]
+    conn = http.client.HTTPConnection("127.0.0.1", envoy_port, timeout=10)
+    try:
+        for body in bodies:
+            value, reason = eager(body, reps=1)
+            want = f"v:{value.hex()}" if value is not None else f"r:{reason}"
+            for _ in range(3 if len(body) < 4000 else 30):  # later rounds run the scanner's traces
+                conn.request("POST", "/v1/chat/completions", body=body, headers={"content-type": "application/json"})
+                resp = conn.getresponse()
+                resp.read()
+                assert resp.status == 200
+                assert resp.getheader("x-scan") == want, body[:100]
+    finally:
+        conn.close()

