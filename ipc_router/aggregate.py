@@ -1,8 +1,9 @@
 """Pre-aggregated default GenAI metrics: what :class:`~ipc_router.metrics.DefaultChatCompletionMetrics` records,
 for many completions, without one OpenTelemetry SDK ``record()`` per value.
 
-Each SDK ``Histogram.record`` cleans, copies and hashes its attribute dict and walks the exemplar machinery
-(~12 µs; ~60 µs for one completion's five values), too slow for completions drained from shared-memory rings.
+Each SDK ``Histogram.record`` cleans, copies and hashes its attribute dict and walks the exemplar machinery: a
+completion's up to five values cost ~20 µs of SDK work on the dev machine (the issue measured 60 µs), too slow for
+completions drained from shared-memory rings. Here a completion costs ~2 µs (``bench/bench_aggregate.py``).
 :class:`Aggregator` instead keeps, per attribute set and per metric reader, the very fields the SDK's
 explicit-bucket histogram aggregation keeps (bucket counts, sum, min, max; cumulative or delta as the reader
 prefers) in plain Python, and hands the SDK finished ``Metric`` objects when a reader collects.
@@ -25,7 +26,8 @@ internals used are all in the ``_sdk_*`` functions below; ``pyproject.toml`` pin
 ``tests/test_aggregate.py`` compares the output with the SDK's own histograms.
 
 Threads: :meth:`Aggregator.add` runs on the event loop; collection runs on exporter threads (Prometheus'
-HTTP thread, the OTLP reader's thread). One lock guards the accumulators; ``add`` holds it for ~2 µs.
+HTTP thread, the OTLP reader's thread). One lock guards the accumulators: ``add`` holds it for its ~2 µs, a
+collection for one swap per attribute set; the cumulative sums and the SDK objects are made outside it.
 """
 
 from __future__ import annotations
@@ -193,6 +195,7 @@ class _Reader:
         self.points: dict[int, list[_Acc]] = {}
         self.overflow: dict[int, _Acc] = {}
         self.last_collect_ns: int | None = None
+        self.lock = threading.Lock()
 
 
 class _Plan:
@@ -404,50 +407,63 @@ class Aggregator:
     # --- collection (exporter threads) ----------------------------------------------------------------------------
 
     def _collect(self, r: _Reader) -> list[Metric]:
-        now = time_ns()
-        metrics: list[Metric] = []
-        with self._lock:
-            for inst_index, points in r.points.items():
-                inst = self._instruments[inst_index]
-                data_points: list[HistogramDataPoint] = []
-                for a in points:
-                    counts, sum_, min_, max_ = a.counts, a.sum, a.min, a.max
-                    a.counts, a.sum, a.min, a.max = [0] * inst.nbuckets, 0, math.inf, -math.inf
-                    if r.delta:
-                        n = sum(counts)
-                        if n == 0:
-                            continue
-                        data_points.append(HistogramDataPoint(
-                            attributes=a.attrs, exemplars=[], start_time_unix_nano=a.start_ns, time_unix_nano=now,
-                            count=n, sum=sum_, bucket_counts=tuple(counts), explicit_bounds=inst.bounds,
-                            min=min_, max=max_,
-                        ))  # fmt: skip
-                        continue
-                    a.c_counts = [c + p for c, p in zip(counts, a.c_counts, strict=True)]
-                    a.c_min = min(min_, a.c_min)
-                    a.c_max = max(max_, a.c_max)
-                    a.c_sum = sum_ + a.c_sum
-                    data_points.append(HistogramDataPoint(
-                        attributes=a.attrs, exemplars=[], start_time_unix_nano=a.start_ns, time_unix_nano=now,
-                        count=sum(a.c_counts), sum=a.c_sum, bucket_counts=tuple(a.c_counts),
-                        explicit_bounds=inst.bounds, min=a.c_min, max=a.c_max,
-                    ))  # fmt: skip
-                if data_points:
-                    metrics.append(Metric(
-                        name=inst.name, description=inst.description, unit=inst.unit,
-                        data=Histogram(data_points=data_points, aggregation_temporality=r.temporality),
-                    ))  # fmt: skip
+        # Under the shared lock only the swap of each accumulator's interval fields (the event loop waits for it);
+        # the cumulative sums and the SDK objects are made outside it, under the reader's own lock (two scrapes of
+        # one Prometheus reader can run at once).
+        with r.lock:
+            now = time_ns()
+            taken: list[tuple[int, list[tuple[_Acc, list[int], float, float, float]]]] = []
+            with self._lock:
+                for inst_index, points in r.points.items():
+                    fresh = [0] * self._instruments[inst_index].nbuckets
+                    batch = []
+                    for a in points:
+                        batch.append((a, a.counts, a.sum, a.min, a.max))
+                        a.counts, a.sum, a.min, a.max = fresh.copy(), 0, math.inf, -math.inf
+                    taken.append((inst_index, batch))
+                if r.delta:
+                    # As the SDK's reset_on_collect: attribute sets start over (and count again towards the
+                    # limit); instruments keep their order (the SDK keeps its per-instrument storage).
+                    r.accs.clear()
+                    for points in r.points.values():
+                        points.clear()
+                    r.overflow.clear()
+                    r.last_collect_ns = now
+                    for series in self._series.values():
+                        series.accs = None
+            return [m for inst_index, batch in taken if (m := self._metric(r, inst_index, batch, now)) is not None]
+
+    def _metric(
+        self, r: _Reader, inst_index: int, batch: list[tuple[_Acc, list[int], float, float, float]], now: int
+    ) -> Metric | None:
+        """One instrument's points, computed as the SDK's histogram aggregation computes them."""
+        inst = self._instruments[inst_index]
+        data_points: list[HistogramDataPoint] = []
+        for a, counts, sum_, min_, max_ in batch:
             if r.delta:
-                # As the SDK's reset_on_collect: attribute sets start over (and count again towards the limit);
-                # instruments keep their order (the SDK keeps its per-instrument storage).
-                r.accs.clear()
-                for points in r.points.values():
-                    points.clear()
-                r.overflow.clear()
-                r.last_collect_ns = now
-                for series in self._series.values():
-                    series.accs = None
-        return metrics
+                n = sum(counts)
+                if n == 0:
+                    continue
+                data_points.append(HistogramDataPoint(
+                    attributes=a.attrs, exemplars=[], start_time_unix_nano=a.start_ns, time_unix_nano=now,
+                    count=n, sum=sum_, bucket_counts=tuple(counts), explicit_bounds=inst.bounds, min=min_, max=max_,
+                ))  # fmt: skip
+                continue
+            a.c_counts = [c + p for c, p in zip(counts, a.c_counts, strict=True)]
+            a.c_min = min(min_, a.c_min)
+            a.c_max = max(max_, a.c_max)
+            a.c_sum = sum_ + a.c_sum
+            data_points.append(HistogramDataPoint(
+                attributes=a.attrs, exemplars=[], start_time_unix_nano=a.start_ns, time_unix_nano=now,
+                count=sum(a.c_counts), sum=a.c_sum, bucket_counts=tuple(a.c_counts), explicit_bounds=inst.bounds,
+                min=a.c_min, max=a.c_max,
+            ))  # fmt: skip
+        if not data_points:
+            return None
+        return Metric(
+            name=inst.name, description=inst.description, unit=inst.unit,
+            data=Histogram(data_points=data_points, aggregation_temporality=r.temporality),
+        )  # fmt: skip
 
     def _produce(self, r: _Reader, data: MetricsData | None) -> MetricsData | None:
         mine = self._collect(r)
