@@ -53,6 +53,7 @@ from opentelemetry.sdk.metrics.export import (
     ResourceMetrics,
     ScopeMetrics,
 )
+from opentelemetry.sdk.metrics.view import DefaultAggregation, ExplicitBucketHistogramAggregation
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.util.types import Attributes
@@ -79,10 +80,16 @@ _TTFT, _IN, _OUT, _DUR, _TPOT = range(5)
 
 def _sdk_reader_settings(reader: MetricReader) -> tuple[AggregationTemporality, int]:
     """A reader's temporality and cardinality limit for synchronous histograms (its constructor's
-    ``preferred_temporality`` / ``cardinality_limits``, or the exporter's for a periodic reader)."""
+    ``preferred_temporality`` / ``cardinality_limits``, or the exporter's for a periodic reader). A reader that
+    prefers another aggregation than the default (explicit buckets from the instrument's advisory) is refused."""
     from opentelemetry.sdk.metrics._internal.instrument import _Histogram
 
     r: Any = reader
+    agg = r._instrument_class_aggregation[_Histogram]
+    # The OTLP exporters prefer ExplicitBucketHistogramAggregation() (no boundaries: the advisory ones): the same.
+    explicit = type(agg) is ExplicitBucketHistogramAggregation and agg._boundaries is None and agg._record_min_max
+    if type(agg) is not DefaultAggregation and not explicit:
+        raise ValueError(f"{reader!r} prefers a non-default histogram aggregation; the aggregator cannot follow it")
     return r._instrument_class_temporality[_Histogram], r._instrument_class_cardinality_limit[_Histogram]
 
 
@@ -100,11 +107,12 @@ def _sdk_hook_collect(reader: MetricReader, produce: Callable[[MetricsData | Non
     r._set_collect_callback(collect)
 
 
-def _sdk_provider_config(provider: MeterProvider) -> tuple[Resource, Sequence[Any]]:
-    """The provider's resource (for collections where the SDK itself has no data) and its views."""
+def _sdk_provider_config(provider: MeterProvider) -> tuple[Resource, Sequence[Any], bool]:
+    """The provider's resource (for collections where the SDK itself has no data), its views, and whether it
+    is disabled (``OTEL_SDK_DISABLED``: its meters are no-ops, so the per-request path exports nothing)."""
     p: Any = provider
     config = p._sdk_config
-    return config.resource, config.views
+    return config.resource, config.views, bool(p._disabled)
 
 
 # --- the spec: DefaultChatCompletionMetrics over tap instruments -------------------------------------------------
@@ -221,7 +229,7 @@ class Aggregator:
     MAX_PLANS = 65536
 
     def __init__(self, provider: MeterProvider, readers: Sequence[MetricReader], meter_name: str = METER_NAME) -> None:
-        resource, views = _sdk_provider_config(provider)
+        resource, views, disabled = _sdk_provider_config(provider)
         if views:
             raise ValueError("the aggregator cannot apply metric views; configure the provider without views")
         self._resource = resource
@@ -241,7 +249,7 @@ class Aggregator:
         self._plans: dict[_Key, _Plan] = {}
         self._series: dict[tuple[int, frozenset[tuple[str, Any]]], _Series] = {}
         self._readers: list[_Reader] = []
-        for reader in readers:
+        for reader in () if disabled else readers:
             temporality, limit = _sdk_reader_settings(reader)
             state = _Reader(reader, temporality, limit)
             self._readers.append(state)

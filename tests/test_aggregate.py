@@ -25,7 +25,7 @@ from opentelemetry.sdk.metrics.export import (
     MetricsData,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.metrics.view import View
+from opentelemetry.sdk.metrics.view import ExponentialBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -399,6 +399,23 @@ def test_refuses_views_and_unregistered_readers() -> None:
     provider.shutdown()
     with pytest.raises(ValueError, match="not registered"):
         Aggregator(_provider([]), [InMemoryMetricReader()])
+
+
+def test_refuses_a_reader_preferring_another_histogram_aggregation() -> None:
+    reader = InMemoryMetricReader(preferred_aggregation={Histogram: ExponentialBucketHistogramAggregation()})
+    provider = _provider([reader])
+    with pytest.raises(ValueError, match="aggregation"):
+        Aggregator(provider, [reader])
+    provider.shutdown()
+
+
+def test_disabled_sdk_exports_nothing(sides: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    ref, agg = sides(_in_memory())
+    ref.feed(corpus(50))
+    agg.feed(corpus(50))
+    assert ref.readers[0].get_metrics_data() is None
+    assert agg.readers[0].get_metrics_data() is None
 
 
 def test_nothing_recorded_exports_nothing_extra(sides: Any) -> None:
