@@ -173,6 +173,8 @@ class _Instrument:
     __slots__ = ("bounds", "description", "name", "nbuckets", "unit")
 
     def __init__(self, tap: _Tap) -> None:
+        if not tap.bounds:
+            raise ValueError(f"{tap.name}: the aggregator needs explicit bucket advice (as the default metrics give)")
         self.name = tap.name.lower()  # as the SDK names the instrument
         self.unit, self.description, self.bounds = tap.unit, tap.description, tap.bounds
         self.nbuckets = len(self.bounds) + 1
