@@ -181,15 +181,17 @@ class _Instrument:
 
 
 class _Series:
-    """One (instrument, attribute set): its bucket bounds and, once it has a value, its accumulator per reader
-    (an overflow accumulator where a reader's cardinality limit was reached)."""
+    """One (instrument, attribute set): its bucket bounds and, once it has a value in the current admission
+    generation ``gen``, its accumulator per reader (an overflow accumulator where a reader's cardinality limit
+    was reached). Readers find accumulators by ``key``: two objects with one key share them."""
 
-    __slots__ = ("accs", "attrs", "bounds", "inst", "key")
+    __slots__ = ("accs", "attrs", "bounds", "gen", "inst", "key")
 
     def __init__(self, inst: int, attrs: dict[str, Any], bounds: tuple[float, ...]) -> None:
         self.inst, self.attrs, self.bounds = inst, attrs, bounds
         self.key = (inst, frozenset(attrs.items()))
-        self.accs: tuple[_Acc, ...] | None = None
+        self.accs: tuple[_Acc, ...] = ()
+        self.gen = -1
 
 
 class _Reader:
@@ -250,6 +252,9 @@ class Aggregator:
         self._lock = threading.Lock()
         self._plans: dict[_Key, _Plan] = {}
         self._series: dict[tuple[int, frozenset[tuple[str, Any]]], _Series] = {}
+        self._overflow_series: dict[int, _Series] = {}
+        self._overflow_plans: set[_Key] = set()
+        self._gen = 0
         self._readers: list[_Reader] = []
         for reader in () if disabled else readers:
             temporality, limit = _sdk_reader_settings(reader)
@@ -301,9 +306,7 @@ class Aggregator:
         # The SDK's Histogram.record checks, in this order (isfinite raises OverflowError for huge ints, as there).
         if not math.isfinite(v) or v < 0:
             return
-        accs = series.accs
-        if accs is None:
-            accs = self._admit(series)
+        accs = series.accs if series.gen == self._gen else self._admit(series)
         i = bisect_left(series.bounds, v)
         for a in accs:
             a.counts[i] += 1
@@ -327,24 +330,34 @@ class Aggregator:
                 if len(points) < r.limit:
                     acc = _Acc(series.attrs, inst.nbuckets, start)
                     points.append(acc)
+                    r.accs[series.key] = acc
                 else:
+                    # Not remembered per key (memory stays bounded, as in the SDK): the limit is checked again.
                     acc = r.overflow.get(series.inst)
                     if acc is None:
                         acc = r.overflow[series.inst] = _Acc(dict(_OVERFLOW_ATTRIBUTES), inst.nbuckets, start)
                         points.append(acc)
-                r.accs[series.key] = acc
             accs.append(acc)
         series.accs = tuple(accs)
+        series.gen = self._gen
         return series.accs
+
+    def _full(self, inst: int) -> bool:
+        """Every reader is at its cardinality limit for ``inst``: a new attribute set can only overflow."""
+        for r in self._readers:
+            points = r.points.get(inst)
+            if points is None or len(points) < r.limit:
+                return False
+        return True
 
     # --- learning a shape from the spec ---------------------------------------------------------------------------
 
     def _replay(
         self, model: str, backend: Backend | None, status: int, stream: bool, t_start: float,
         t_first: float | None, t_end: float, usage: Usage | None, attrs: Mapping[str, str],
-    ) -> list[tuple[int, float, _Series]]:  # fmt: skip
+    ) -> tuple[list[tuple[int, float, _Series]], bool]:  # fmt: skip
         """Drive a real DefaultChatCompletionMetrics as the ledger does (ledger.Ledger._finish), record what it
-        recorded, and return it as (slot, value, series)."""
+        recorded, and return it as (slot, value, series), and whether a series was the shared overflow one."""
         now = [t_start]
         m = DefaultChatCompletionMetrics(self._spec, clock=lambda: now[0])
         log = self._spec_meter.log
@@ -363,6 +376,7 @@ class Aggregator:
             m.record_token_usage(usage.input_tokens, usage.output_tokens, usage.total_tokens, extra or None)
         m.record_request_completion(success, extra if success else {**extra, ERROR_TYPE: str(status or "incomplete")})
         got: list[tuple[int, float, _Series]] = []
+        overflowed = False
         tokens_seen = 0
         token_index, slot_of = self._token_index, self._slot_of
         for inst, value, raw in log:
@@ -376,18 +390,26 @@ class Aggregator:
             skey = (inst, frozenset(clean.items()))
             series = self._series.get(skey)
             if series is None:
-                series = self._series[skey] = _Series(inst, clean, self._instruments[inst].bounds)
+                if self._full(inst):
+                    # An unbounded number of attribute sets must not cost memory: one series stands for them.
+                    series = self._overflow_series.get(inst)
+                    if series is None:
+                        bounds = self._instruments[inst].bounds
+                        series = self._overflow_series[inst] = _Series(inst, dict(_OVERFLOW_ATTRIBUTES), bounds)
+                    overflowed = True
+                else:
+                    series = self._series[skey] = _Series(inst, clean, self._instruments[inst].bounds)
             got.append((slot, value, series))
             self._value(series, value)
         log.clear()
-        return got
+        return got, overflowed
 
     def _learn(
         self, key: _Key, model: str, backend: Backend | None, status: int, stream: bool, t_start: float,
         t_first: float | None, t_end: float, usage: Usage | None, attrs: Mapping[str, str],
     ) -> _Plan | None:  # fmt: skip
         """Record this completion through the spec and keep its plan. Returns None: already recorded."""
-        got = self._replay(model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
+        got, overflowed = self._replay(model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
         out = usage.output_tokens if usage is not None else 0
         dur = t_end - t_start
         ttft = t_first - t_start if t_first is not None else 0.0
@@ -411,7 +433,10 @@ class Aggregator:
             exact = type(mine) is type(value) and (mine == value or (mine != mine and value != value))
         if len(self._plans) >= self.MAX_PLANS:
             self._plans.clear()
+            self._overflow_plans.clear()
         self._plans[key] = _Plan(backend, tuple((slot, series) for slot, _, series in got), exact)
+        if overflowed:
+            self._overflow_plans.add(key)
         return None
 
     # --- collection (exporter threads) ----------------------------------------------------------------------------
@@ -439,9 +464,20 @@ class Aggregator:
                         points.clear()
                     r.overflow.clear()
                     r.last_collect_ns = now
-                    for series in self._series.values():
-                        series.accs = None
+                    self._restart_admissions()
             return [m for inst_index, batch in taken if (m := self._metric(r, inst_index, batch, now)) is not None]
+
+    def _restart_admissions(self) -> None:
+        """A delta reader starts over: every series is admitted again at its next value; plans that sent new
+        attribute sets to the shared overflow series are learnt again (there may be room now); series no
+        cumulative reader holds are forgotten (plans keep theirs; accumulators are found by key), so memory
+        stays bounded by the attribute sets of one interval, as in the SDK."""
+        self._gen += 1
+        for key in self._overflow_plans:
+            self._plans.pop(key, None)
+        self._overflow_plans.clear()
+        held = [r.accs for r in self._readers if not r.delta]
+        self._series = {k: s for k, s in self._series.items() if any(k in accs for accs in held)}
 
     def _metric(
         self, r: _Reader, inst_index: int, batch: list[tuple[_Acc, list[int], float, float, float]], now: int

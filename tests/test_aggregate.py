@@ -236,13 +236,16 @@ def test_cardinality_limit_overflow_matches(sides: Any, temporality: str) -> Non
     if temporality == "delta":
         kw["preferred_temporality"] = DELTA
     ref, agg = sides(_in_memory(**kw))
-    records = corpus(1500, seed=5, teams=40)
+    records = corpus(1500, seed=5, teams=400)
     for chunk in (records[:600], records[600:]):
         ref.feed(chunk)
         agg.feed(chunk)
         expected = view(ref.readers[0].get_metrics_data())
         assert "otel.metric.overflow" in repr(expected)
         assert view(agg.readers[0].get_metrics_data()) == expected
+        # Unbounded attribute sets cost bounded memory, as in the SDK: at most the limit per instrument.
+        assert len(agg.aggregator._series) <= 4 * 12
+        assert sum(len(r.accs) for r in agg.aggregator._readers) <= 4 * 12
 
 
 def _dyadic(records: list[Completion]) -> list[Completion]:
