@@ -288,10 +288,9 @@ class Aggregator:
         with self._lock:
             plan = self._plans.get(key)
             if plan is None or plan.backend is not backend:
-                plan = self._learn(key, model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
-                if plan is None:
-                    return
-            elif not plan.exact:
+                self._learn(key, model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
+                return
+            if not plan.exact:
                 self._replay(model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
                 return
             dur = t_end - t_start
@@ -407,8 +406,8 @@ class Aggregator:
     def _learn(
         self, key: _Key, model: str, backend: Backend | None, status: int, stream: bool, t_start: float,
         t_first: float | None, t_end: float, usage: Usage | None, attrs: Mapping[str, str],
-    ) -> _Plan | None:  # fmt: skip
-        """Record this completion through the spec and keep its plan. Returns None: already recorded."""
+    ) -> None:  # fmt: skip
+        """Record this completion through the spec and keep its plan."""
         got, overflowed = self._replay(model, backend, status, stream, t_start, t_first, t_end, usage, attrs)
         out = usage.output_tokens if usage is not None else 0
         dur = t_end - t_start
@@ -437,7 +436,6 @@ class Aggregator:
         self._plans[key] = _Plan(backend, tuple((slot, series) for slot, _, series in got), exact)
         if overflowed:
             self._overflow_plans.add(key)
-        return None
 
     # --- collection (exporter threads) ----------------------------------------------------------------------------
 
