@@ -168,6 +168,7 @@ end
 
 local Seg = {}
 local Seg_mt = { __index = Seg }
+_M._Seg = Seg -- for tests (which functions got compiled)
 
 local function is_pow2(n)
     return n >= 1 and n % 1 == 0 and band(n, n - 1) == 0 and n <= 2 ^ 30
