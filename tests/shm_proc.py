@@ -1,6 +1,7 @@
 """The other side of tests/test_shm.py, run as a separate process: `python tests/shm_proc.py ROLE ...`.
 
-writer PATH      the sidecar's slot/config writer in a tight loop (until killed)
+writer PATH MODE the sidecar's slot/config writer in a tight loop (until killed); MODE put_route
+                 or adversarial (a wrong entry visible while the slot's sequence is odd)
 sidecar PATH     opens (creates) the segment, publishes one config and route, then waits to be killed
 producer PATH ID COUNT SEED   a Lua state (lupa, JIT on) writing COUNT records into its ring
 claim PATH       a Lua state that claims a ring with one record, prints its index, waits
@@ -41,18 +42,36 @@ def blob_of(generation: int) -> bytes:
     return (b"gen=%d;" % generation) * (1 + generation % 50)
 
 
-def writer(path: str) -> None:
+def adversarial_put(seg: shm.Segment, key: bytes, rule: int) -> None:
+    """The slot protocol with the worst legal order: while the sequence is odd the slot holds a
+    complete, well-formed entry for `key` with a WRONG rule (and the generation of the moment), which
+    a reader that does not honour the seqlock accepts."""
+    mm = seg._mm
+    assert mm is not None
+    h = zlib.crc32(key)
+    off = seg._geo.slots_off + (h & (seg._geo.slots - 1)) * shm.SLOT_SIZE
+    seq = struct.unpack_from("<I", mm, off)[0] | 1
+    struct.pack_into("<I", mm, off, seq)  # odd: writing
+    mm[off + 4 : off + 16 + len(key)] = struct.pack("<IIHH", seg.generation, h, len(key), rule ^ 0x5A5A) + key
+    for _ in range(20):  # keep the wrong entry there a while
+        struct.pack_into("<H", mm, off + 14, rule ^ 0x5A5A)
+    struct.pack_into("<H", mm, off + 14, rule)
+    struct.pack_into("<I", mm, off, (seq + 1) & 0xFFFFFFFF)  # even: done
+
+
+def writer(path: str, mode: str) -> None:
     seg, _ = shm.Segment.open(path, slots=16, rings=1, ring_bytes=4096, blob_bytes=4096)
     gen = seg.generation + 1
     seg.publish(gen, blob_of(gen))
     print("ready", flush=True)
-    puts = 0
     rnd = random.Random(1)
     while True:
         for _ in range(97):
             j = rnd.randrange(N_KEYS)
-            seg.put_route(key_of(j), rule_of(j, gen))
-            puts += 1
+            if mode == "adversarial":
+                adversarial_put(seg, key_of(j), rule_of(j, gen))
+            else:
+                seg.put_route(key_of(j), rule_of(j, gen))
         gen += 1
         seg.publish(gen, blob_of(gen))
 
@@ -239,7 +258,7 @@ def fuzz(seed: int, n: int, directory: str) -> None:
 if __name__ == "__main__":
     role, args = sys.argv[1], sys.argv[2:]
     if role == "writer":
-        writer(args[0])
+        writer(args[0], args[1])
     elif role == "sidecar":
         sidecar(args[0])
     elif role == "producer":
