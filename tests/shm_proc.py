@@ -21,9 +21,9 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from shm_lua import ShmLua  # noqa: E402
+from shm_lua import ShmLua
 
-from ipc_router import shm  # noqa: E402
+from ipc_router import shm
 
 N_KEYS = 64
 MOD = 65536
@@ -115,7 +115,7 @@ def producer(path: str, pid: int, count: int, seed: int) -> None:
         print(json.dumps({"error": errs[0].decode()}), flush=True)
         return
     loop = lua.fn(PRODUCER_LOOP)
-    fulls, err = (lua.call(loop, seg, recs, count) + [None, None])[:2]
+    fulls, err = [*lua.call(loop, seg, recs, count), None, None][:2]
     print(
         json.dumps(
             {
@@ -190,12 +190,11 @@ def _mutate(rnd: random.Random, img: bytes) -> tuple[str, bytes]:
         return kind, bytes(b[: rnd.randrange(len(b))])
     if kind == "field":
         # a header field set to an adversarial value (offsets past the end, huge lengths, ...)
-        off, size = rnd.choice(
-            [(o, 8) for o in (0, 16, 24, 48, 56, 64, 72, 88, 104)] + [(o, 4) for o in (8, 12, 32, 36, 40, 80, 84, 96, 100)]
-        )
-        val = rnd.choice(
-            (0, 1, 2, 3, 4095, 4096, 4097, len(img), len(img) - 1, len(img) + 8, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1)
-        )
+        fields = [(o, 8) for o in (0, 16, 24, 48, 56, 64, 72, 88, 104)]
+        fields += [(o, 4) for o in (8, 12, 32, 36, 40, 80, 84, 96, 100)]
+        off, size = rnd.choice(fields)
+        n = len(img)
+        val = rnd.choice((0, 1, 2, 3, 4095, 4096, 4097, n, n - 1, n + 8, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1))
         val = rnd.randrange(2 ** (8 * size)) if rnd.random() < 0.2 else val % 2 ** (8 * size)
         b[off : off + size] = val.to_bytes(size, "little")
         return f"field@{off}", bytes(b)

@@ -354,7 +354,9 @@ def test_two_lua_states_in_one_process_get_their_own_rings(path: str) -> None:
 # --- restart, adoption, replacement -------------------------------------------------------------
 
 
-def test_records_written_while_no_sidecar_runs_are_drained_by_the_next(path: str, lua: ShmLua, procs: list[Proc]) -> None:
+def test_records_written_while_no_sidecar_runs_are_drained_by_the_next(
+    path: str, lua: ShmLua, procs: list[Proc]
+) -> None:
     sidecar = start(procs, "sidecar", path)
     _, instance, gen = sidecar.line().split()
     s = lua_open(lua, path)
