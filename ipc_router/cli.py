@@ -44,6 +44,9 @@ _HELP = {
     "reload_interval": "seconds between config file checks",
     "drain_timeout": "seconds to let in-flight requests finish on SIGTERM",
     "app_dir": "directory searched first for --router/--metrics modules, as uvicorn's --app-dir",
+    "shm": "shared-memory fast path: cached routes and completion records without a socket round trip",
+    "shm_dir": "directory of the shared-memory segment (a tmpfs; in a pod, the emptyDir shared with Envoy)",
+    "shm_drain_interval": "seconds between drains of the completion rings",
 }
 _APP_DIR_HELP = _HELP["app_dir"] + " (default: the working directory)"
 
@@ -70,6 +73,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
             kind = float
         if env is not None:
             default = kind(env)
+        if isinstance(f.default, bool):
+            if env is not None:
+                default = env.lower() in ("1", "true", "yes", "on")
+            help_ = _HELP.get(f.name, "") + f" (default: {'on' if default else 'off'})"
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
+            continue
         required = f.name == "socket" and default is None
         shown = f"{default:04o}" if f.name == "socket_mode" and isinstance(default, int) else default
         help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if default is not None and f.name != "socket" else "")
@@ -169,6 +178,7 @@ def _run_async(awaitable: Any) -> Decision:
 
 def _envoy_config(args: argparse.Namespace) -> int:
     from ipc_router.envoy_config import bootstrap, render
+    from ipc_router.fastpath import segment_path
 
     try:
         config = load_config(args.config)
@@ -182,6 +192,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
             passthrough=args.passthrough,
             llm_paths=args.llm_path or ("/v1/chat/completions",),
             route_timeout_ms=args.route_timeout_ms,
+            shm_path=segment_path(args.socket, args.shm_dir) if args.shm else None,
         )
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -239,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: /v1/chat/completions); other paths pass through untouched",
     )  # fmt: skip
     envoy.add_argument("--route-timeout-ms", type=int, default=250, help="how long the filter waits for /route")
+    envoy.add_argument(
+        "--shm", action=argparse.BooleanOptionalAction, default=True,
+        help="the shared-memory fast path (as the sidecar's --shm; default: on)",
+    )  # fmt: skip
+    envoy.add_argument("--shm-dir", default="/dev/shm", help="as the sidecar's --shm-dir (default: /dev/shm)")
     envoy.set_defaults(func=_envoy_config)
 
     from ipc_router.mock_backend import DESCRIPTION, add_arguments

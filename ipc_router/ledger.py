@@ -85,9 +85,13 @@ class CompletionAggregator(Protocol):
 
 @dataclass(slots=True)
 class _InFlight:
-    metrics: x.ChatCompletionMetrics
+    #: ``None`` when the aggregator records this request: then the facts below are all it needs.
+    metrics: x.ChatCompletionMetrics | None
     attrs: Mapping[str, str]
     expires: float
+    model: str = ""
+    backend: Backend | None = None
+    start: float = 0.0
 
 
 class Ledger:
@@ -134,10 +138,14 @@ class Ledger:
     def start(self, headers: Mapping[str, str], model: str, backend: Backend | None, t: float) -> str:
         """A request was routed. Returns its id for :meth:`complete` (an id is issued even when the metrics
         failed to start: that request is simply not tracked)."""
-        metrics = self._begin(headers, model, backend, t)
         key = self._id_prefix + str(next(self._ids))
+        expires = self.clock() + self.request_ttl
+        if self.aggregator is not None:
+            self._track(key, _InFlight(None, self.attributes(headers), expires, model, backend, t))
+            return key
+        metrics = self._begin(headers, model, backend, t)
         if metrics is not None:
-            self._track(key, _InFlight(metrics, self.attributes(headers), self.clock() + self.request_ttl))
+            self._track(key, _InFlight(metrics, self.attributes(headers), expires))
         return key
 
     def complete(
@@ -150,8 +158,14 @@ class Ledger:
             self.stats.unknown_completions += 1
             return None
 
+        metrics = entry.metrics
+        if metrics is None:
+            done = Completion(entry.attrs, entry.model, entry.backend, status, stream, entry.start, first, end, body,
+                              truncated)  # fmt: skip
+            return lambda: self._aggregate(done, entry.attrs)
+
         def record() -> None:
-            self._finish(entry.metrics, entry.attrs, status, first, end, stream, body, truncated)
+            self._finish(metrics, entry.attrs, status, first, end, stream, body, truncated)
 
         return record
 
@@ -159,21 +173,24 @@ class Ledger:
 
     def record(self, c: Completion) -> None:
         """Record a completion that carries its own start (a ring record, or ``/record``). Never raises."""
-        aggregator = self.aggregator
-        if aggregator is not None:
-            try:
-                aggregator.add(
-                    c.model, c.backend, c.status, c.stream, c.start, c.first, c.end,
-                    self._usage(c.status, c.stream, c.body, c.truncated), self.attributes(c.headers),
-                )  # fmt: skip
-            except Exception:
-                self._metrics_failed()
+        if self.aggregator is not None:
+            self._aggregate(c, self.attributes(c.headers))
             return
         metrics = self._begin(c.headers, c.model, c.backend, c.start)
         if metrics is not None:
             self._finish(
                 metrics, self.attributes(c.headers), c.status, c.first, c.end, c.stream, c.body, c.truncated
             )
+
+    def _aggregate(self, c: Completion, attrs: Mapping[str, str]) -> None:
+        assert self.aggregator is not None
+        try:
+            self.aggregator.add(
+                c.model, c.backend, c.status, c.stream, c.start, c.first, c.end,
+                self._usage(c.status, c.stream, c.body, c.truncated), attrs,
+            )  # fmt: skip
+        except Exception:
+            self._metrics_failed()
 
     # --- expiry ---------------------------------------------------------------------------------------------------
 

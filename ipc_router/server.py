@@ -20,7 +20,9 @@ from typing import cast
 
 import orjson
 
-from ipc_router import x
+from ipc_router import shm, x
+from ipc_router.aggregate import Aggregator
+from ipc_router.fastpath import FastPath, open_fast_path, segment_path
 from ipc_router.filterapi import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
@@ -62,6 +64,9 @@ class Settings:
     reload_interval: float = 0.5
     drain_timeout: float = 10.0
     app_dir: str = "."
+    shm: bool = True
+    shm_dir: str = "/dev/shm"
+    shm_drain_interval: float = 0.002
 
 
 def _read_config(path: str | None) -> Config:
@@ -237,6 +242,7 @@ class Sidecar:
             header_attributes=header_attrs,
             router_timeout=settings.router_timeout,
             request_ttl=settings.request_ttl,
+            aggregator=_aggregator(telemetry) if metrics_factory is None else None,
         )
         self.service.stats.reloads["ok"] += 1
         self.connections: set[_SidecarProtocol] = set()
@@ -244,6 +250,8 @@ class Sidecar:
         self._server: asyncio.AbstractServer | None = None
         self._config_stamp = _stamp(settings.config)
         self._watcher: asyncio.Future[None] | None = None
+        self.fast_path: FastPath | None = None
+        self._drainer: asyncio.Future[None] | None = None
 
     # --- config reload --------------------------------------------------------------------------------------------
 
@@ -263,6 +271,8 @@ class Sidecar:
             return False
         self.generation += 1
         self.service.routing = routing
+        if self.fast_path is not None:
+            self.fast_path.publish(routing)
         self.service.stats.reloads["ok"] += 1
         log.info("config generation %d loaded from %s (%d rules)", self.generation, path, len(routing.config.rules))
         for missing in not_in_bootstrap(self.started_with, routing.config):
@@ -285,6 +295,37 @@ class Sidecar:
                 self._config_stamp = stamp
                 self.reload()
 
+    # --- the shared-memory fast path -----------------------------------------------------------------------------
+
+    def _open_fast_path(self) -> None:
+        s = self.settings
+        if not s.shm:
+            return
+        if not shm.supported():
+            log.warning("shared-memory fast path off: proven correct on x86-64 Linux only (docs/shm.md)")
+            return
+        path = segment_path(s.socket, s.shm_dir)
+        try:
+            self.fast_path = open_fast_path(path, self.service.ledger, self.service.routing, mode=s.socket_mode)
+        except (OSError, ValueError, shm.SegmentError) as e:
+            log.warning("shared-memory fast path off: %s: %s", path, e)
+            return
+        self.service.fast_path = self.fast_path
+        self._drainer = asyncio.ensure_future(self._drain())
+        log.info("shared-memory fast path on: %s", path)
+
+    async def _drain(self) -> None:
+        fast = self.fast_path
+        assert fast is not None
+        interval = self.settings.shm_drain_interval
+        while True:
+            try:
+                n = fast.drain()
+            except Exception:  # a bug here must not stop the draining for good
+                log.exception("draining the completion rings failed")
+                n = 0
+            await asyncio.sleep(0 if n >= 65536 else interval)
+
     # --- lifecycle ------------------------------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -293,6 +334,7 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(lambda: _SidecarProtocol(self), path, backlog=1024)
         os.chmod(path, self.settings.socket_mode)
+        self._open_fast_path()
         self._watcher = asyncio.ensure_future(self._watch())
         for line in self.summary():
             log.info("%s", line)
@@ -332,6 +374,14 @@ class Sidecar:
             await asyncio.sleep(0.01)
         for c in list(self.connections):
             c.close()
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        if self.fast_path is not None:
+            n = self.fast_path.stop()
+            log.info("shared-memory segment removed (%d final records)", n)
+            self.fast_path = self.service.fast_path = None
         self.service.flush()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.settings.socket)
@@ -348,6 +398,17 @@ class Sidecar:
             log.info("signal received: draining")
         finally:
             await self.stop()
+
+
+def _aggregator(telemetry: Telemetry | None) -> Aggregator | None:
+    """The default metrics, aggregated in the sidecar instead of recorded into the SDK one value at a time."""
+    if telemetry is None or x.new_custom_chat_completion_metrics is not None:
+        return None
+    try:
+        return Aggregator(telemetry.provider, telemetry.readers)
+    except ValueError as e:
+        log.warning("default metrics recorded per request (no aggregation): %s", e)
+        return None
 
 
 def _stamp(path: str | None) -> tuple[int, int, int] | None:

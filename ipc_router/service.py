@@ -50,6 +50,8 @@ class FastPathSink(Protocol):
 
     def record(self, msg: RecordMessage) -> None: ...
 
+    def snapshot(self) -> Mapping[str, Any]: ...
+
 
 class _ChatRequest(msgspec.Struct):
     """The one field of an OpenAI request body the sidecar reads; the rest is skipped, not built."""
@@ -219,6 +221,8 @@ class Service:
             return self._client_error("request body must be a JSON object", "invalid_body", fmt)
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             return self._client_error(f"request body is not valid JSON: {e}", "invalid_body", fmt)
+        except RecursionError:  # msgspec gives up near 1000 levels of nesting
+            return self._client_error("request body is nested too deeply", "invalid_body", fmt)
         if not isinstance(model, str) or not model:
             return self._client_error("request body has no 'model' string", "missing_model", fmt)
         path = msg.path
@@ -332,6 +336,7 @@ class Service:
         if sink is None:
             return self._reject(req, "record", 409, "this sidecar runs no fast path; use /complete")
         self.stats.requests["record", "ok"] += 1
+        self.stats.records["socket"] += 1
         return Response(204, after=lambda: sink.record(msg))
 
     # --- /v1/models, /stats ---------------------------------------------------------------------------------------
@@ -387,6 +392,8 @@ class Service:
             "evicted": s.evicted,
             "unknown_completions": s.unknown_completions,
             "usage_missing": s.usage_missing,
+            "records": dict(s.records),
+            "fast_path": dict(self.fast_path.snapshot()) if self.fast_path is not None else None,
         }
 
     def _register_observables(self) -> None:

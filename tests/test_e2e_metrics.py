@@ -148,11 +148,7 @@ def test_custom_metrics_receive_each_call_once_in_order(stack: Stack, calls_file
     assert calls[0]["t"] <= calls[3]["t"] <= calls[-1]["t"]
 
 
-def test_client_reset_expires_and_is_counted(stack: Stack) -> None:
-    def expired() -> float:
-        return sum(samples(metrics_text(stack), "ipc_router_requests_expired_total"))
-
-    before = expired()
+def _reset_mid_stream(stack: Stack) -> None:
     body = json.dumps(chat("m-reset", stream=True)).encode()
     with socket.create_connection(("127.0.0.1", stack.listen_port)) as s:
         s.sendall(
@@ -161,10 +157,32 @@ def test_client_reset_expires_and_is_counted(stack: Stack) -> None:
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
         )
         assert s.recv(100).startswith(b"HTTP/1.1 200")
-    # The client is gone mid-stream: no completion will come; the request expires after --request-ttl 1.
-    assert wait_until(lambda: expired() >= before + 1, timeout=6.0)
+
+
+def test_client_reset_on_the_fast_path_leaves_no_state_and_records_nothing(stack: Stack) -> None:
+    assert stack.shm
+    _reset_mid_stream(stack)
+    # The filter reports a completion only when the response ends; Envoy drops a reset stream's coroutine, and the
+    # sidecar never held anything for it (a fast-path request has no in-flight entry to expire).
+    time.sleep(1.5)
     text = metrics_text(stack)
     assert samples(text, "gen_ai_server_request_duration_seconds_count", gen_ai_request_model="m-reset") == []
+    assert samples(text, "ipc_router_requests_in_flight") == [0.0]
+
+
+def test_client_reset_on_the_socket_path_expires_and_is_counted(backends: Backends, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "config.yaml", [model_rule("m-reset", "m-reset", "a")], backends)
+    with Stack(str(cfg), metrics_port=free_port(), shm=False, sidecar_args=["--request-ttl", "1"]) as s:
+
+        def expired() -> float:
+            return sum(samples(metrics_text(s), "ipc_router_requests_expired_total"))
+
+        before = expired()
+        _reset_mid_stream(s)
+        # The client is gone mid-stream: no completion will come; the request expires after --request-ttl 1.
+        assert wait_until(lambda: expired() >= before + 1, timeout=6.0)
+        text = metrics_text(s)
+        assert samples(text, "gen_ai_server_request_duration_seconds_count", gen_ai_request_model="m-reset") == []
 
 
 class _OTLPReceiver(ThreadingHTTPServer):

@@ -618,6 +618,8 @@ def test_stats_shape() -> None:
         "evicted": 0,
         "unknown_completions": 1,
         "usage_missing": 1,  # the 200 completion had no body, so no usage
+        "records": {},
+        "fast_path": None,
     }
     # the no-match decision is not cached: a router exception is not a rule name
     assert svc.snapshot()["cache"]["size"] == 1
@@ -1050,3 +1052,12 @@ def test_metrics_calls_in_order_with_event_times() -> None:
 def test_default_metrics_factory_is_used_without_one(sdk: SDK) -> None:
     svc = service(meter=sdk.meter)
     assert svc.ledger.metrics_factory is new_default_chat_completion_metrics
+
+
+def test_a_deeply_nested_body_is_a_400_not_a_crash() -> None:
+    svc = service()
+    deep = b'{"model": "gpt-4o-mini", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    resp = handle(svc, post("/route", {"path": CHAT, "headers": {}, "body": deep}))
+    answer = decode(resp)
+    assert answer["respond"]["status"] == 400
+    assert svc.stats.requests["route", "invalid_body"] == 1
