@@ -87,7 +87,8 @@ def config_map_hash(data: dict[str, str]) -> str:
     some replaced so the suffix never spells words. The name in it is always "": kustomize looks the name up as a
     single field called "metadata/name", which no object has (checked against kubectl kustomize's output)."""
     # Go's encoding/json: keys sorted, no spaces, non-ASCII kept, <, >, & and U+2028/2029 escaped.
-    encoded = json.dumps({"data": data, "kind": "ConfigMap", "name": ""}, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    doc = {"data": data, "kind": "ConfigMap", "name": ""}
+    encoded = json.dumps(doc, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
     for ch, esc in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         encoded = encoded.replace(ch, esc)
     digest = hashlib.sha256(encoded.encode()).hexdigest()[:10]
