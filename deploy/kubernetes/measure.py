@@ -6,12 +6,13 @@ front of one mock backend answering at once, then reads each process's resident 
 (utime + stime, all threads) from /proc:
 
 * idle: for ``--idle`` seconds after start-up (nothing but the sidecar's reload poll and Envoy's timers);
-* load: ``--clients`` keep-alive clients each sending chat completions (non-streaming, usage in the answer) one at
-  a time for ``--seconds``; CPU is reported per second of wall time and per request, so it scales to other rates.
+* load: ``--clients`` keep-alive clients each sending chat completions (non-streaming, usage in the answer; or
+  with ``--stream``, streamed with ``include_usage``, 8 chunks) one at a time for ``--seconds``; CPU is reported per
+  second of wall time and per request, so it scales to other rates.
 
 The client runs on the same cores, so the request rate says what this machine could drive, not a ceiling.
 
-    .venv/bin/python deploy/kubernetes/measure.py [--concurrency 2] [--clients 16] [--seconds 15] [--json]
+    .venv/bin/python deploy/kubernetes/measure.py [--concurrency 2] [--clients 16] [--seconds 15] [--stream] [--json]
 """
 
 from __future__ import annotations
@@ -51,10 +52,15 @@ def sample(pids: dict[str, int]) -> dict[str, Any]:
     return {name: {"cpu": cpu_seconds(pid), **memory_kib(pid)} for name, pid in pids.items()}
 
 
-def load(port: int, clients: int, seconds: float) -> int:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+def load(port: int, clients: int, seconds: float, stream: bool = False) -> tuple[int, dict[str, int]]:
+    """Requests answered 200, and the others by status and error code (the first bytes of their bodies)."""
+    request: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        request.update(stream=True, stream_options={"include_usage": True})
+    body = json.dumps(request).encode()
     headers = {"content-type": "application/json"}
     counts = [0] * clients
+    errors: dict[str, int] = {}
     deadline = time.monotonic() + seconds
 
     def client(i: int) -> None:
@@ -62,10 +68,12 @@ def load(port: int, clients: int, seconds: float) -> int:
         while time.monotonic() < deadline:
             conn.request("POST", "/v1/chat/completions", body, headers)
             resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"status {resp.status}")
-            counts[i] += 1
+            data = resp.read()
+            if resp.status == 200:
+                counts[i] += 1
+            else:
+                what = f"{resp.status} {data[:120].decode(errors='replace')}"
+                errors[what] = errors.get(what, 0) + 1  # dict updates are atomic under the GIL
         conn.close()
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -73,7 +81,7 @@ def load(port: int, clients: int, seconds: float) -> int:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts)
+    return sum(counts), errors
 
 
 def main() -> int:
@@ -82,6 +90,7 @@ def main() -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--idle", type=float, default=10.0)
+    p.add_argument("--stream", action="store_true", help="streamed completions instead of plain ones")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -101,15 +110,15 @@ def main() -> int:
         stack.start()
         assert stack.sidecar is not None and stack.envoy is not None
         pids = {"sidecar": stack.sidecar.pid, "envoy": stack.envoy.pid}
-        load(stack.listen_port, 2, 2.0)  # warm-up: first connections, route cache, OTel instruments
+        load(stack.listen_port, 2, 2.0, args.stream)  # warm-up: first connections, route cache, OTel instruments
         t0, s0 = time.monotonic(), sample(pids)
         time.sleep(args.idle)
         t1, s1 = time.monotonic(), sample(pids)
-        requests = load(stack.listen_port, args.clients, args.seconds)
+        requests, errors = load(stack.listen_port, args.clients, args.seconds, args.stream)
         t2, s2 = time.monotonic(), sample(pids)
     finally:
         stack.stop()
-        stop_process(backend)  # type: ignore[arg-type]
+        stop_process(backend)
         for f in work.iterdir():
             f.unlink()
         work.rmdir()
@@ -117,7 +126,9 @@ def main() -> int:
     result: dict[str, Any] = {
         "envoy_concurrency": args.concurrency,
         "clients": args.clients,
+        "stream": args.stream,
         "requests_per_second": round(requests / (t2 - t1)),
+        "errors": errors,
     }
     for name in pids:
         result[name] = {
@@ -131,9 +142,12 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"{requests} requests, {result['requests_per_second']}/s, Envoy --concurrency {args.concurrency}")
+        kind = "streamed" if args.stream else "plain"
+        print(f"{requests} {kind} requests, {result['requests_per_second']}/s, Envoy --concurrency {args.concurrency}")
         for name in pids:
             print(name, result[name])
+        if errors:
+            print("not 200:", errors)
     return 0
 
 
