@@ -11,7 +11,8 @@ No cluster is reachable here, so what a cluster would check is checked here:
   lines parse with the real CLI and agree on paths and ports, probes, security ("restricted" Pod Security
   Standard), resources, selectors, the OTLP wiring;
 * the bootstrap the init container writes validates in the real Envoy (``envoy --mode validate``), the sidecar's
-  exec probe passes against the real sidecar, and Envoy's preStop hook drains a real Envoy, which then exits.
+  exec probe passes against the real sidecar, Envoy's preStop hook drains a real Envoy with a request in flight,
+  and the pod's three containers, run here with the manifest's commands, serve chat requests end to end.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ipc_router import cli, health
 from ipc_router.envoy_config import cluster_name
 from ipc_router.filterapi import load_config
 from ipc_router.mock_backend import MockBackend
-from ipc_router.stack import Stack, envoy_binary, stop_process
+from ipc_router.stack import Stack, envoy_binary, free_port, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -515,12 +516,7 @@ def _ready(admin_port: int) -> int | None:
 
 
 def _chat(port: int, results: list[tuple[int, float]]) -> None:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
-    url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    req = urllib.request.Request(url, body, {"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as r:
-        r.read()
-        results.append((r.status, time.monotonic()))
+    _chat_model(port, "m", results)
 
 
 @pytest.mark.envoy
@@ -577,3 +573,99 @@ def test_prestop_hook_drains_a_real_envoy_with_a_request_in_flight(tmp_path: Pat
         stop_process(envoy)
         stack.stop()
         backend.stop()
+
+
+@pytest.mark.envoy
+def test_the_pod_runs_here_as_the_manifest_says() -> None:
+    """The Deployment's three containers, started here in the kubelet's order with the manifest's exact commands,
+    arguments, environment and probes; only paths (into a temporary directory, the ConfigMap in the kubelet's
+    ``..data`` layout), ports (free ones, on 127.0.0.1) and the backends' endpoints (a local mock instead of
+    in-cluster DNS names) are moved."""
+    from test_configmap_swap import kubelet_write
+
+    backend = MockBackend(name="mock")
+    backend.start()
+    root = Path(tempfile.mkdtemp(prefix="iprk", dir="/tmp"))  # short: the socket path stays under 108 bytes
+    listen, admin = free_port(), free_port()
+    job, written = bootstrap_job()
+    moves = {
+        os.path.dirname(sidecar_args().socket): str(root / "ipc"),
+        os.path.dirname(job.config): str(root / "cm"),
+        os.path.dirname(written): str(root / "boot"),
+        f"0.0.0.0:{port_of(job.listen)}": f"127.0.0.1:{listen}",
+        f"0.0.0.0:{port_of(job.admin)}": f"127.0.0.1:{admin}",
+        sidecar_args().metrics_addr: f"127.0.0.1:{free_port()}",
+    }
+
+    def move(arg: str) -> str:
+        for old, new in moves.items():
+            arg = arg.replace(old, new)
+        return arg
+
+    def command(c: dict[str, Any]) -> list[str]:
+        cmd = [move(a) for a in c["command"] + c.get("args", [])]
+        return [envoy_binary() if a == "envoy" else sys.executable if a == "python" else a for a in cmd]
+
+    def env(c: dict[str, Any]) -> dict[str, str]:
+        extra = {e["name"]: move(e["value"]) for e in c.get("env", ())}
+        path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # ipc-router and envoy
+        return {**os.environ, **extra, "PATH": path, "PYTHONPATH": str(ROOT)}
+
+    for d in ("ipc", "cm", "boot"):
+        (root / d).mkdir()
+    config = yaml.safe_load((K8S / "base" / "config.yaml").read_text())
+    for rule in config["rules"]:
+        for b in rule["backends"]:
+            b["endpoint"] = f"http://127.0.0.1:{backend.port}"
+    kubelet_write(root / "cm", {"config.yaml": yaml.safe_dump(config)})
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        init = container("envoy-bootstrap")
+        done = subprocess.run(command(init), env=env(init), capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+        sidecar = container("sidecar")
+        procs.append(subprocess.Popen(command(sidecar), env=env(sidecar), stderr=subprocess.DEVNULL))
+        startup = sidecar["startupProbe"]
+        for _ in range(startup["failureThreshold"] * 10):
+            if subprocess.run(command(startup["exec"]), env=env(sidecar), capture_output=True).returncode == 0:
+                break
+            time.sleep(startup["periodSeconds"] / 10)
+        else:
+            pytest.fail("the sidecar's startup probe never passed")
+
+        envoy = container("envoy")
+        procs.append(subprocess.Popen(command(envoy), env=env(envoy), stderr=subprocess.DEVNULL))
+        ready = envoy["readinessProbe"]["httpGet"]
+        assert ready["port"] == "admin"
+        deadline = time.monotonic() + 30
+        while _ready(admin) != 200:
+            assert procs[-1].poll() is None and time.monotonic() < deadline, "envoy did not become ready"
+            time.sleep(0.05)
+
+        results: list[tuple[int, float]] = []
+        _chat_model(listen, "llama3.3", results)
+        _chat_model(listen, "mistral-large", results)
+        assert [status for status, _ in results] == [200, 200]
+        assert len(backend.requests) == 2
+        with urllib.request.urlopen(f"http://127.0.0.1:{listen}/v1/models", timeout=5) as r:
+            assert [m["id"] for m in json.loads(r.read())["data"]] == ["llama3.3"]
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert subprocess.run(command(sidecar[probe]["exec"]), env=env(sidecar)).returncode == 0
+        # The socket as Envoy's user finds it: group-owned, mode 0660.
+        st = os.stat(move(sidecar_args().socket))
+        assert st.st_mode & 0o777 == 0o660
+    finally:
+        for p in reversed(procs):  # Envoy first, then the sidecar, as the kubelet stops them
+            stop_process(p)
+        backend.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _chat_model(port: int, model: str, results: list[tuple[int, float]]) -> None:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    req = urllib.request.Request(url, body, {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
+        results.append((r.status, time.monotonic()))
