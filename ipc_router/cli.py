@@ -1,4 +1,4 @@
-"""``ipc-router``: serve, check-config, route, envoy-config, mock-backend.
+"""``ipc-router``: serve, check-config, route, envoy-config, mock-backend, health.
 
 Every ``serve`` option maps to one field of :class:`~ipc_router.server.Settings` and can also be set by the
 environment variable ``IPC_ROUTER_<OPTION>`` (``--metrics-addr`` → ``IPC_ROUTER_METRICS_ADDR``); a flag wins
@@ -265,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     add_arguments(mock, log_level=False)  # the top-level --log-level covers it
     mock.set_defaults(func=_mock_backend)
+
+    from ipc_router import health  # standard library only; probes call it as `python -m ipc_router.health`
+
+    probe = sub.add_parser(
+        "health", help="GET /healthz on the sidecar's socket; exit 1 unless it answers 200",
+        formatter_class=_DefaultsFormatter,
+    )  # fmt: skip
+    health.add_arguments(probe)
+    probe.set_defaults(func=health.run)
     return parser
 
 

@@ -242,6 +242,25 @@ def test_sidecar_command() -> None:
     assert args.socket in healthcheck
 
 
+def test_segment_volume_is_a_tmpfs_shared_read_write_with_the_sidecars_group() -> None:
+    # The shared-memory segment: beside the sidecar on a tmpfs volume that Envoy mounts read-write (the Lua filter
+    # writes into it), owned by the sidecar's group (Envoy joins it by ENVOY_GID), group-only access (mode 0660 files).
+    path = service("sidecar")["environment"]["IPC_ROUTER_SHM_PATH"]
+    seg_dir = os.path.dirname(path)
+    volume = named_volume_mounts("sidecar").get(seg_dir)
+    assert volume, f"the segment directory {seg_dir} must be a named volume"
+    envoy_mounts = [v for v in service("envoy")["volumes"] if v.split(":")[:2] == [volume, seg_dir]]
+    assert envoy_mounts == [f"{volume}:{seg_dir}"], "Envoy mounts the segment's volume at the same path, read-write"
+    opts = compose()["volumes"][volume]["driver_opts"]
+    assert opts["type"] == "tmpfs"
+    options = dict(o.partition("=")[::2] for o in opts["o"].split(","))
+    gid = str(service("envoy")["environment"]["ENVOY_GID"])
+    assert options["gid"] == gid and options["uid"] == gid
+    assert int(options["mode"], 8) & 0o007 == 0, "nobody but the sidecar's user and group"
+    assert int(options["mode"], 8) & 0o070 == 0o070, "the group (Envoy) reaches the segment"
+    assert options["size"].endswith("m") and int(options["size"][:-1]) >= 100, "~66 MiB segment with the defaults"
+
+
 def test_sidecar_matches_the_demo(demo: ModuleType) -> None:
     args = sidecar_args()
     assert args.router == demo.ROUTER
