@@ -245,8 +245,8 @@ def test_sidecar_command() -> None:
 def test_segment_volume_is_a_tmpfs_shared_read_write_with_the_sidecars_group() -> None:
     # The shared-memory segment: beside the sidecar on a tmpfs volume that Envoy mounts read-write (the Lua filter
     # writes into it), owned by the sidecar's group (Envoy joins it by ENVOY_GID), group-only access (mode 0660 files).
-    path = service("sidecar")["environment"]["IPC_ROUTER_SHM_PATH"]
-    seg_dir = os.path.dirname(path)
+    seg_dir = sidecar_args().shm_dir
+    assert bootstrap_job_args().shm_dir == seg_dir, "Envoy's filter maps the segment the sidecar writes"
     volume = named_volume_mounts("sidecar").get(seg_dir)
     assert volume, f"the segment directory {seg_dir} must be a named volume"
     envoy_mounts = [v for v in service("envoy")["volumes"] if v.split(":")[:2] == [volume, seg_dir]]

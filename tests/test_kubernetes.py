@@ -245,8 +245,7 @@ def test_socket_and_segment_share_a_memory_emptydir() -> None:
     envoy_mount = mounts(container("envoy"))[sock_dir]
     assert envoy_mount["name"] == ipc["name"]
     assert not envoy_mount.get("readOnly"), "Envoy's Lua filter maps the segment read-write"
-    env = {e["name"]: e["value"] for e in container("sidecar").get("env", ())}
-    assert os.path.dirname(env["IPC_ROUTER_SHM_PATH"]) == sock_dir, "the segment lives beside the socket"
+    assert args.shm_dir == sock_dir, "the segment lives beside the socket"
     limit = ipc["emptyDir"]["sizeLimit"]
     assert limit.endswith("Mi") and int(limit[:-2]) << 20 >= 1.5 * SEGMENT_BYTES, limit
 
