@@ -306,9 +306,11 @@ end
 ---------------------------------------------------------------------------------------------------
 
 -- seg:refresh([decode]) -> changed | nil, err. Per request. On a new generation copies the config
--- blob under the seqlock into seg.blob (and seg.config = decode(blob) when decode is given) and
--- returns true; false when unchanged. nil, err: take the socket path for this request; when
--- seg.dead is set the segment is gone for good (stopped/closed): re-open later (rate-limited).
+-- blob under the seqlock into seg.blob (nil: no config published yet) and seg.generation, with
+-- seg.config = decode(blob) when decode is given (seg.config_error when it fails), and returns
+-- true; false when unchanged (or while the sidecar is writing it: lookups miss meanwhile).
+-- nil, err only when the segment is gone for good (stopped, corrupt, closed; seg.dead says which):
+-- take the socket path and re-open later (rate-limited).
 function Seg:refresh(decode)
     if self.dead then
         return nil, self.dead
@@ -319,10 +321,7 @@ function Seg:refresh(decode)
         return nil, "stopped"
     end
     if snap[0].generation == self.generation then
-        if self.valid then
-            return false
-        end
-        return nil, self.why or "no config"
+        return false
     end
     for _ = 1, 4 do
         copy(cell_a, self.seq_ptr, 4) -- seq before the data
@@ -344,29 +343,30 @@ function Seg:refresh(decode)
                     self.dead, self.valid = "corrupt config length", false
                     return nil, self.dead
                 end
-                self.generation, self.valid, self.config = gen, false, nil
-                if len == 0 then
-                    self.blob, self.why = nil, "no config"
-                    return nil, self.why
+                self.generation, self.valid, self.config, self.config_error = gen, false, nil, nil
+                if len == 0 then -- "no config yet" (a sidecar that just adopted the file)
+                    self.blob = nil
+                    return true
                 end
                 local blob = ffi.string(self.blob_buf, len)
                 self.blob = blob
                 if decode then
                     local ok, cfg, derr = pcall(decode, blob)
                     if not ok or cfg == nil then
-                        self.why = "bad config: " .. tostring(ok and derr or cfg)
-                        return nil, self.why
+                        self.config_error = "bad config: " .. tostring(ok and derr or cfg)
+                        return true -- lookups stay off for this generation
                     end
                     self.config = cfg
                 end
-                self.valid, self.why = true, nil
+                self.valid = true
                 return true
             end
         end
     end
-    -- The sidecar is writing: miss until a later request sees the new config complete.
+    -- The sidecar is writing: miss until a later request sees the new config complete (the
+    -- generation we hold is unchanged, so the next call tries again).
     self.valid = false
-    return nil, "busy"
+    return false
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -406,7 +406,7 @@ end
 -- seg:lookup(key [, hash]) -> rule_index | nil: a hit in the generation of the loaded config.
 -- Probes h, h+1, h+2, h+3 (SLOT_PROBES); a torn copy is retried once, then is a miss.
 function Seg:lookup(key, h)
-    if not self.valid then
+    if not self.valid or type(key) ~= "string" then
         return nil
     end
     local n = #key
