@@ -314,6 +314,7 @@ def test_full_ring_drops_and_counts_without_blocking(path: str, lua: ShmLua) -> 
         assert len(seg.drain()) == 10
         too_big = lua.call(lua.fn("function(s) return s:write(string.rep('x', 1025)) end"), s)
         assert too_big == [None, b"too large"]
+        assert lua.call(lua.fn("function(s) return s:write({}) end"), s) == [None, b"record is not a string"]
     finally:
         seg.stop()
 

@@ -471,6 +471,9 @@ function Seg:write(rec)
     if self.dead then
         return nil, self.dead
     end
+    if type(rec) ~= "string" then
+        return nil, "record is not a string"
+    end
     copy(cell_a, self.state_ptr, 4)
     if cell_a[0] ~= STATE_ACTIVE then
         self.dead, self.valid = "stopped", false
