@@ -280,14 +280,18 @@ class Segment:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             raise
-        records = old.drain(limit=1 << 62)
         next_gen = (old.generation + 1) & 0xFFFFFFFF or 1
         if geo.same(want):
+            records = old.drain(limit=1 << 62)
             old._adopt(next_gen)
             return old, records
-        # Valid, but another geometry: its records are saved; filters re-open when it says STOPPED.
+        # Valid, but another geometry: STOPPED first (producers check the state before each write,
+        # so records stop coming), then its records are saved; filters re-open the new file.
+        old._u32[OFF_STATE // 4] = STATE_STOPPED
+        records = old.drain(limit=1 << 62)
         new = cls._create(path, want, mode, next_gen)
-        old._close(mark_stopped=True, unlink=False)
+        records += old.drain(limit=1 << 62)  # a write that saw ACTIVE just before the store
+        old._close(mark_stopped=False, unlink=False)
         return new, records
 
     @classmethod
