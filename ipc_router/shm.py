@@ -261,27 +261,24 @@ class Segment:
             if not _lock(fd, OWNER_LOCK_BYTE):
                 raise SegmentError(f"{path} is owned by another running sidecar")
             size = os.fstat(fd).st_size
-            if size < HEADER_SIZE:
-                os.close(fd)
-                return cls._create(path, want, mode, 0), []
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            geo, _why = _read_geometry(mm, size)
-            if geo is None:
-                if mm[OFF_MAGIC : OFF_MAGIC + 8] == MAGIC:
-                    # Ours but damaged: tell filters still mapping it to re-open. (A foreign file is
-                    # never written to, only replaced.)
-                    _store_state(mm, STATE_STOPPED)
-                mm.close()
-                os.close(fd)
-                return cls._create(path, want, mode, 0), []
-            old = cls(path, fd, mm, geo)
-        except BaseException:
+            if size >= HEADER_SIZE:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                geo, _why = _read_geometry(mm, size)
+                if geo is not None:
+                    old = cls(path, fd, mm, geo)
+                else:
+                    if mm[OFF_MAGIC : OFF_MAGIC + 8] == MAGIC:
+                        # Ours but damaged: tell filters still mapping it to re-open. (A foreign
+                        # file is never written to, only replaced.)
+                        _store_state(mm, STATE_STOPPED)
+                    mm.close()
+        finally:
             if old is None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
+                os.close(fd)
+        if old is None:  # truncated, foreign or damaged: replaced
+            return cls._create(path, want, mode, 0), []
         next_gen = (old.generation + 1) & 0xFFFFFFFF or 1
-        if geo.same(want):
+        if old._geo.same(want):
             records = old.drain(limit=1 << 62)
             old._adopt(next_gen)
             return old, records
