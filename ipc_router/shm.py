@@ -185,7 +185,14 @@ def _read_geometry(mm: mmap.mmap, size: int) -> tuple[_Geometry | None, str]:
     return geo, ""
 
 
-def _lock(fd: int, byte: int, *, nonblocking: bool = True) -> bool:
+def _store_state(mm: mmap.mmap, state: int) -> None:
+    """One aligned 4-byte store (see Segment._u32 on why not struct.pack_into)."""
+    view = memoryview(mm)[OFF_STATE : OFF_STATE + 4].cast("I")
+    view[0] = state
+    view.release()
+
+
+def _lock(fd: int, byte: int) -> bool:
     """Takes an OFD write lock on one byte; False when another open file description holds it."""
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0))
@@ -209,12 +216,19 @@ class Segment:
         self._fd = fd
         self._mm: mmap.mmap | None = mm
         self._geo = geo
-        self.instance_id = _U64.unpack_from(mm, OFF_INSTANCE)[0]
-        self.generation = _U32.unpack_from(mm, OFF_GENERATION)[0]
+        # Every field the other side reads or writes concurrently is accessed through these native
+        # (little-endian on x86-64) views: an item get/set is one aligned 4/8-byte load/store
+        # (memoryobject.c copies a fixed-size scalar). struct.pack_into/unpack_from with "<Q" go
+        # byte by byte here (measured: a concurrent reader saw 0 between 0xF8 and 0x100), which
+        # would tear indices and sequence numbers.
+        self._u32 = memoryview(mm).cast("I")
+        self._u64 = memoryview(mm).cast("Q")
+        self.instance_id = self._u64[OFF_INSTANCE // 8]
+        self.generation = self._u32[OFF_GENERATION // 4]
         self._drained = [0] * geo.rings
         self._corrupt = [0] * geo.rings
         self._evict = 0
-        self._blob_len = _U64.unpack_from(mm, OFF_BLOB_LEN)[0]
+        self._blob_len = self._u64[OFF_BLOB_LEN // 8]
 
     # --- open / create / adopt --------------------------------------------------------------------
 
@@ -247,33 +261,34 @@ class Segment:
             if not _lock(fd, OWNER_LOCK_BYTE):
                 raise SegmentError(f"{path} is owned by another running sidecar")
             size = os.fstat(fd).st_size
-            if size < HEADER_SIZE:
-                os.close(fd)
-                return cls._create(path, want, mode, 0), []
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            geo, _why = _read_geometry(mm, size)
-            if geo is None:
-                if mm[OFF_MAGIC : OFF_MAGIC + 8] == MAGIC:
-                    # Ours but damaged: tell filters still mapping it to re-open. (A foreign file is
-                    # never written to, only replaced.)
-                    _U32.pack_into(mm, OFF_STATE, STATE_STOPPED)
-                mm.close()
-                os.close(fd)
-                return cls._create(path, want, mode, 0), []
-            old = cls(path, fd, mm, geo)
-        except BaseException:
+            if size >= HEADER_SIZE:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                geo, _why = _read_geometry(mm, size)
+                if geo is not None:
+                    old = cls(path, fd, mm, geo)
+                else:
+                    if mm[OFF_MAGIC : OFF_MAGIC + 8] == MAGIC:
+                        # Ours but damaged: tell filters still mapping it to re-open. (A foreign
+                        # file is never written to, only replaced.)
+                        _store_state(mm, STATE_STOPPED)
+                    mm.close()
+        finally:
             if old is None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            raise
-        records = old.drain(limit=1 << 62)
+                os.close(fd)
+        if old is None:  # truncated, foreign or damaged: replaced
+            return cls._create(path, want, mode, 0), []
         next_gen = (old.generation + 1) & 0xFFFFFFFF or 1
-        if geo.same(want):
+        if old._geo.same(want):
+            records = old.drain(limit=1 << 62)
             old._adopt(next_gen)
             return old, records
-        # Valid, but another geometry: its records are saved; filters re-open when it says STOPPED.
+        # Valid, but another geometry: STOPPED first (producers check the state before each write,
+        # so records stop coming), then its records are saved; filters re-open the new file.
+        old._u32[OFF_STATE // 4] = STATE_STOPPED
+        records = old.drain(limit=1 << 62)
         new = cls._create(path, want, mode, next_gen)
-        old._close(mark_stopped=True, unlink=False)
+        records += old.drain(limit=1 << 62)  # a write that saw ACTIVE just before the store
+        old._close(mark_stopped=False, unlink=False)
         return new, records
 
     @classmethod
@@ -325,13 +340,12 @@ class Segment:
         return cls(path, fd, mm, geo)
 
     def _adopt(self, generation: int) -> None:
-        mm = self._map()
-        _U64.pack_into(mm, OFF_INSTANCE, secrets.randbits(64))
-        self.instance_id = _U64.unpack_from(mm, OFF_INSTANCE)[0]
+        self.instance_id = secrets.randbits(64)
+        self._u64[OFF_INSTANCE // 8] = self.instance_id
         # The new generation comes with an empty blob ("no config yet"): the old rules are not this
         # sidecar's and every slot of the old generation is a miss from now on.
         self._write_config(generation, b"")
-        _U32.pack_into(mm, OFF_STATE, STATE_ACTIVE)
+        self._u32[OFF_STATE // 4] = STATE_ACTIVE
 
     # --- config and route slots -------------------------------------------------------------------
 
@@ -342,15 +356,16 @@ class Segment:
 
     def _write_config(self, generation: int, blob: bytes) -> None:
         mm = self._map()
-        seq = _U32.unpack_from(mm, OFF_CONFIG_SEQ)[0]
+        u32 = self._u32
+        seq = u32[OFF_CONFIG_SEQ // 4]
         odd = (seq + (1 if seq % 2 == 0 else 2)) & 0xFFFFFFFF
         # Store order is the protocol (x86-64 keeps it): seq odd, data, seq even.
-        _U32.pack_into(mm, OFF_CONFIG_SEQ, odd)
+        u32[OFF_CONFIG_SEQ // 4] = odd
         off = self._geo.blob_off
         mm[off : off + len(blob)] = blob
-        _U64.pack_into(mm, OFF_BLOB_LEN, len(blob))
-        _U32.pack_into(mm, OFF_GENERATION, generation)
-        _U32.pack_into(mm, OFF_CONFIG_SEQ, (odd + 1) & 0xFFFFFFFF)
+        self._u64[OFF_BLOB_LEN // 8] = len(blob)
+        u32[OFF_GENERATION // 4] = generation
+        u32[OFF_CONFIG_SEQ // 4] = (odd + 1) & 0xFFFFFFFF
         self.generation = generation
         self._blob_len = len(blob)
 
@@ -392,11 +407,12 @@ class Segment:
             else:  # all probes live: evict one, round robin (a cache; the evicted key misses once)
                 self._evict = (self._evict + 1) % SLOT_PROBES
                 target = geo.slots_off + ((h + self._evict) & mask) * SLOT_SIZE
-        seq = _U32.unpack_from(mm, target)[0]
+        u32 = self._u32
+        seq = u32[target // 4]
         odd = (seq + (1 if seq % 2 == 0 else 2)) & 0xFFFFFFFF
-        _U32.pack_into(mm, target, odd)
+        u32[target // 4] = odd
         mm[target + 4 : target + 16 + len(key)] = _SLOT_FIELDS.pack(self.generation, h, len(key), rule_index) + key
-        _U32.pack_into(mm, target, (odd + 1) & 0xFFFFFFFF)
+        u32[target // 4] = (odd + 1) & 0xFFFFFFFF
         return True
 
     # --- rings --------------------------------------------------------------------------------------
@@ -405,6 +421,7 @@ class Segment:
         """Record payloads from all rings (in order per ring), at most `limit`. A ring whose indices or
         records are inconsistent is skipped to its write index and counted (ring_stats()['corrupt'])."""
         mm = self._map()
+        u64 = self._u64
         geo = self._geo
         size = geo.ring_bytes
         mask = size - 1
@@ -414,13 +431,13 @@ class Segment:
                 break
             base = geo.ring_off(i)
             data = base + RING_HDR
-            w = _U64.unpack_from(mm, base + RING_WRITE)[0]  # first: then the payloads it covers
-            r = _U64.unpack_from(mm, base + RING_READ)[0]
+            w = u64[(base + RING_WRITE) // 8]  # first: then the payloads it covers
+            r = u64[(base + RING_READ) // 8]
             if r == w:
                 continue
             if not (0 < w - r <= size and w % 8 == 0 and r % 8 == 0):
                 self._corrupt[i] += 1
-                _U64.pack_into(mm, base + RING_READ, w)
+                u64[(base + RING_READ) // 8] = w
                 continue
             n = 0
             while r < w and len(out) < limit:
@@ -441,23 +458,24 @@ class Segment:
                 self._corrupt[i] += 1
                 r = w
             self._drained[i] += n
-            _U64.pack_into(mm, base + RING_READ, r)  # last: the producer may now reuse the space
+            u64[(base + RING_READ) // 8] = r  # last: the producer may now reuse the space
         return out
 
     def ring_stats(self) -> dict[str, Any]:
         """Per ring: used bytes, drops (counted by the producer), records drained, corrupt events,
         whether a Lua state holds its claim; and totals."""
-        mm = self._map()
+        self._map()
+        u64 = self._u64
         geo = self._geo
         rings = []
         for i in range(geo.rings):
             base = geo.ring_off(i)
-            w = _U64.unpack_from(mm, base + RING_WRITE)[0]
-            r = _U64.unpack_from(mm, base + RING_READ)[0]
+            w = u64[(base + RING_WRITE) // 8]
+            r = u64[(base + RING_READ) // 8]
             rings.append(
                 {
                     "used": (w - r) if 0 <= w - r <= geo.ring_bytes else -1,
-                    "drops": _U64.unpack_from(mm, base + RING_DROPS)[0],
+                    "drops": u64[(base + RING_DROPS) // 8],
                     "drained": self._drained[i],
                     "corrupt": self._corrupt[i],
                     "claimed": _locked_by_other(self._fd, i),
@@ -477,7 +495,7 @@ class Segment:
         """Clean stop: STOPPED (filters stop using it), final drain, unlink, close. Idempotent."""
         if self._mm is None:
             return []
-        _U32.pack_into(self._mm, OFF_STATE, STATE_STOPPED)
+        self._u32[OFF_STATE // 4] = STATE_STOPPED
         records = self.drain(limit=1 << 62)
         self._close(mark_stopped=False, unlink=True)
         return records
@@ -486,12 +504,14 @@ class Segment:
         if self._mm is None:
             return
         if mark_stopped:
-            _U32.pack_into(self._mm, OFF_STATE, STATE_STOPPED)
+            self._u32[OFF_STATE // 4] = STATE_STOPPED
         if unlink:
             # Only our own file: a newer one renamed over the path belongs to someone else.
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
                     os.unlink(self.path)
+        self._u32.release()
+        self._u64.release()
         self._mm.close()
         self._mm = None
         os.close(self._fd)

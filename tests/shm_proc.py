@@ -50,13 +50,14 @@ def adversarial_put(seg: shm.Segment, key: bytes, rule: int) -> None:
     assert mm is not None
     h = zlib.crc32(key)
     off = seg._geo.slots_off + (h & (seg._geo.slots - 1)) * shm.SLOT_SIZE
-    seq = struct.unpack_from("<I", mm, off)[0] | 1
-    struct.pack_into("<I", mm, off, seq)  # odd: writing
+    u32 = seg._u32  # atomic 4-byte stores, as Segment does them
+    seq = u32[off // 4] | 1
+    u32[off // 4] = seq  # odd: writing
     mm[off + 4 : off + 16 + len(key)] = struct.pack("<IIHH", seg.generation, h, len(key), rule ^ 0x5A5A) + key
     for _ in range(20):  # keep the wrong entry there a while
         struct.pack_into("<H", mm, off + 14, rule ^ 0x5A5A)
     struct.pack_into("<H", mm, off + 14, rule)
-    struct.pack_into("<I", mm, off, (seq + 1) & 0xFFFFFFFF)  # even: done
+    u32[off // 4] = (seq + 1) & 0xFFFFFFFF  # even: done
 
 
 def writer(path: str, mode: str) -> None:

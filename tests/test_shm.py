@@ -183,8 +183,11 @@ def test_refresh_decodes_with_the_callers_decoder(path: str, lua: ShmLua) -> Non
                    " return nil, 'bad blob' end) end")
         assert lua.call(f, s, b"ok") == [True] and s.config.v == b"ok"
         seg.publish(2, b"garbage")
-        assert lua.call(f, s, b"ok") == [None, b"bad config: bad blob"]
+        assert lua.call(f, s, b"ok") == [True] and s.config is None
+        assert s.config_error == b"bad config: bad blob" and s.valid is False
+        assert lua.call(f, s, b"ok") == [False]
         assert lua.call(lua.fn("function(s) return s:lookup('x') end"), s) == [None]
+        assert lua.call(lua.fn("function(s) return s:lookup(nil) end"), s) == [None]
     finally:
         seg.stop()
 
@@ -311,6 +314,7 @@ def test_full_ring_drops_and_counts_without_blocking(path: str, lua: ShmLua) -> 
         assert len(seg.drain()) == 10
         too_big = lua.call(lua.fn("function(s) return s:write(string.rep('x', 1025)) end"), s)
         assert too_big == [None, b"too large"]
+        assert lua.call(lua.fn("function(s) return s:write({}) end"), s) == [None, b"record is not a string"]
     finally:
         seg.stop()
 
@@ -373,7 +377,7 @@ def test_records_written_while_no_sidecar_runs_are_drained_by_the_next(
         assert recs == [b"rec%d" % i for i in range(5)]
         assert seg.generation == int(gen) + 1 and seg.instance_id != int(instance)
         # The filter notices the new generation; no config is published yet: everything misses.
-        assert lua.call(refresh, s) == [None, b"no config"]
+        assert lua.call(refresh, s) == [True] and s.blob is None and s.generation == seg.generation
         assert lua.call(lookup, s, b"\x00gpt") == [None]
         assert not seg.put_route(b"\x00gpt", 4)
         seg.publish(seg.generation + 1, b"config")

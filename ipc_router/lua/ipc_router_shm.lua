@@ -142,8 +142,17 @@ local function crc32(s)
     local n = #s
     local p = cast(u8_ptr_t, s)
     local c = -1
-    for i = 0, n - 1 do
+    local i = 0
+    while i + 4 <= n do -- 4 bytes per iteration: fewer loop guards
         c = bxor(rshift(c, 8), crc_table[band(bxor(c, p[i]), 255)])
+        c = bxor(rshift(c, 8), crc_table[band(bxor(c, p[i + 1]), 255)])
+        c = bxor(rshift(c, 8), crc_table[band(bxor(c, p[i + 2]), 255)])
+        c = bxor(rshift(c, 8), crc_table[band(bxor(c, p[i + 3]), 255)])
+        i = i + 4
+    end
+    while i < n do
+        c = bxor(rshift(c, 8), crc_table[band(bxor(c, p[i]), 255)])
+        i = i + 1
     end
     c = bnot(c)
     if c < 0 then
@@ -297,9 +306,11 @@ end
 ---------------------------------------------------------------------------------------------------
 
 -- seg:refresh([decode]) -> changed | nil, err. Per request. On a new generation copies the config
--- blob under the seqlock into seg.blob (and seg.config = decode(blob) when decode is given) and
--- returns true; false when unchanged. nil, err: take the socket path for this request; when
--- seg.dead is set the segment is gone for good (stopped/closed): re-open later (rate-limited).
+-- blob under the seqlock into seg.blob (nil: no config published yet) and seg.generation, with
+-- seg.config = decode(blob) when decode is given (seg.config_error when it fails), and returns
+-- true; false when unchanged (or while the sidecar is writing it: lookups miss meanwhile).
+-- nil, err only when the segment is gone for good (stopped, corrupt, closed; seg.dead says which):
+-- take the socket path and re-open later (rate-limited).
 function Seg:refresh(decode)
     if self.dead then
         return nil, self.dead
@@ -310,10 +321,7 @@ function Seg:refresh(decode)
         return nil, "stopped"
     end
     if snap[0].generation == self.generation then
-        if self.valid then
-            return false
-        end
-        return nil, self.why or "no config"
+        return false
     end
     for _ = 1, 4 do
         copy(cell_a, self.seq_ptr, 4) -- seq before the data
@@ -335,29 +343,30 @@ function Seg:refresh(decode)
                     self.dead, self.valid = "corrupt config length", false
                     return nil, self.dead
                 end
-                self.generation, self.valid, self.config = gen, false, nil
-                if len == 0 then
-                    self.blob, self.why = nil, "no config"
-                    return nil, self.why
+                self.generation, self.valid, self.config, self.config_error = gen, false, nil, nil
+                if len == 0 then -- "no config yet" (a sidecar that just adopted the file)
+                    self.blob = nil
+                    return true
                 end
                 local blob = ffi.string(self.blob_buf, len)
                 self.blob = blob
                 if decode then
                     local ok, cfg, derr = pcall(decode, blob)
                     if not ok or cfg == nil then
-                        self.why = "bad config: " .. tostring(ok and derr or cfg)
-                        return nil, self.why
+                        self.config_error = "bad config: " .. tostring(ok and derr or cfg)
+                        return true -- lookups stay off for this generation
                     end
                     self.config = cfg
                 end
-                self.valid, self.why = true, nil
+                self.valid = true
                 return true
             end
         end
     end
-    -- The sidecar is writing: miss until a later request sees the new config complete.
+    -- The sidecar is writing: miss until a later request sees the new config complete (the
+    -- generation we hold is unchanged, so the next call tries again).
     self.valid = false
-    return nil, "busy"
+    return false
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -365,8 +374,39 @@ end
 ---------------------------------------------------------------------------------------------------
 
 -- seg:lookup(key [, hash]) -> rule_index | nil: a hit in the generation of the loaded config.
+-- One probe of one slot: rule | nil (not here) | false (the copy was torn: worth one retry).
+-- Straight-line code (no loop) so that a hit compiles to one trace without loop exits.
+local function probe(slot, key, n, h, gen)
+    copy(cell_a, slot, 4) -- seq before the copy (fresh read)
+    local s1 = cell_a[0]
+    if s1 % 2 ~= 0 then
+        return nil -- being written: not here for now
+    end
+    copy(scratch, slot, SLOT_SIZE) -- memcpy: 256 > CREC_COPY_MAXLEN
+    copy(cell_b, slot, 4) -- seq after the copy, in another cell
+    if cell_b[0] ~= s1 then
+        return false
+    end
+    local sc = scratch[0]
+    if sc.hash == h and sc.generation == gen and sc.key_len == n
+            and C.memcmp(sc.key, key, n) == 0 then
+        return sc.rule
+    end
+    return nil
+end
+
+local function probe_retry(slot, key, n, h, gen)
+    local r = probe(slot, key, n, h, gen)
+    if r == false then
+        r = probe(slot, key, n, h, gen)
+    end
+    return r or nil
+end
+
+-- seg:lookup(key [, hash]) -> rule_index | nil: a hit in the generation of the loaded config.
+-- Probes h, h+1, h+2, h+3 (SLOT_PROBES); a torn copy is retried once, then is a miss.
 function Seg:lookup(key, h)
-    if not self.valid then
+    if not self.valid or type(key) ~= "string" then
         return nil
     end
     local n = #key
@@ -375,27 +415,19 @@ function Seg:lookup(key, h)
     end
     h = h or crc32(key)
     local slots, mask, gen = self.slots, self.mask, self.generation
-    for i = 0, SLOT_PROBES - 1 do
-        local slot = slots + band(h + i, mask)
-        for _ = 1, 2 do -- one retry when the copy was torn
-            copy(cell_a, slot, 4)
-            local s1 = cell_a[0]
-            if s1 % 2 ~= 0 then
-                break -- being written: not here for now
-            end
-            copy(scratch, slot, SLOT_SIZE) -- memcpy (256 > CREC_COPY_MAXLEN)
-            copy(cell_b, slot, 4)
-            if cell_b[0] == s1 then
-                local sc = scratch[0]
-                if sc.generation == gen and sc.hash == h and sc.key_len == n
-                        and C.memcmp(sc.key, key, n) == 0 then
-                    return sc.rule
-                end
-                break
-            end
-        end
+    local r = probe_retry(slots + band(h, mask), key, n, h, gen)
+    if r then
+        return r
     end
-    return nil
+    r = probe_retry(slots + band(h + 1, mask), key, n, h, gen)
+    if r then
+        return r
+    end
+    r = probe_retry(slots + band(h + 2, mask), key, n, h, gen)
+    if r then
+        return r
+    end
+    return probe_retry(slots + band(h + 3, mask), key, n, h, gen)
 end
 
 ---------------------------------------------------------------------------------------------------
@@ -438,6 +470,9 @@ end
 function Seg:write(rec)
     if self.dead then
         return nil, self.dead
+    end
+    if type(rec) ~= "string" then
+        return nil, "record is not a string"
     end
     copy(cell_a, self.state_ptr, 4)
     if cell_a[0] ~= STATE_ACTIVE then
