@@ -426,7 +426,7 @@ def test_otel_collector_receives_the_sidecars_push() -> None:
     # The overlay changes nothing else of the sidecar, and keeps the bootstrap job first.
     assert [c["name"] for c in pod("overlays/otlp")["initContainers"]] == ["envoy-bootstrap", "sidecar"]
     base_env = [e for e in container("sidecar", "overlays/otlp")["env"] if e["name"] != "OTEL_EXPORTER_OTLP_ENDPOINT"]
-    assert base_env == container("sidecar").get("env")
+    assert base_env == container("sidecar").get("env", [])
 
 
 # ---------------------------------------------------------------------------------------- against real processes
