@@ -207,6 +207,15 @@ def print_metrics(metrics_url: str) -> None:
         for labels, v in _series(text, "ipc_router_requests_total")
     }
     print("  sidecar requests:", ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())))
+    records = {labels.get("source"): int(v) for labels, v in _series(text, "ipc_router_completion_records_total")}
+    if records:
+        completed = sum(int(m.get("requests", 0)) for m in per_model.values())
+        routed = sum(v for k, v in outcomes.items() if k.startswith("route/routed"))
+        print(
+            f"  shared-memory fast path: {completed - routed} of {completed} completed requests routed by the filter"
+            f" from the segment (no sidecar call); completion records: "
+            + ", ".join(f"{k}={v}" for k, v in sorted(records.items()))
+        )
 
 
 class PortTaken(Exception):

@@ -131,7 +131,12 @@ class FastPath:
         return len(records)
 
     def snapshot(self) -> Mapping[str, Any]:
-        return {"path": self.segment.path, "generation": self.segment.generation, **self.segment.ring_stats()}
+        """For ``/stats``: the segment, its generation, ring totals, and the rings in use."""
+        stats = self.segment.ring_stats()
+        rings = {
+            str(i): r for i, r in enumerate(stats.pop("rings")) if r["claimed"] or r["drained"] or r["drops"]
+        }
+        return {"path": self.segment.path, "generation": self.segment.generation, **stats, "rings": rings}
 
 
 def _names_or_all(names: tuple[str, ...] | None) -> list[str] | bool:

@@ -439,6 +439,16 @@ class Service:
             [single(lambda: len(self.in_flight))],
             description="Routed requests waiting for their completion.",
         )
+        m.create_observable_counter(
+            "ipc_router.completion_records",
+            [lambda _: [Observation(n, {"source": k}) for k, n in list(s.records.items())]],
+            description="Self-contained completion records (fast path) by source: ring, socket (/record), bad.",
+        )
+        m.create_observable_counter(
+            "ipc_router.ring_drops",
+            [lambda _: [Observation(int(self.fast_path.snapshot()["drops"]))] if self.fast_path is not None else []],
+            description="Completion records the filter could not put into a full ring (it sent them to /record).",
+        )
         m.create_observable_gauge("ipc_router.config_generation", [single(lambda: self.routing.generation)],
                                   description="How many configs have been loaded.")  # fmt: skip
 
