@@ -752,6 +752,19 @@ def test_non_streaming_truncation(lua: Lua, total: int, limit: int, truncated: b
     assert sent["truncated"] is truncated
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("before", [["a"], ["ab", "c"], ["", "xyz"]])
+def test_chunk_of_exactly_the_limit_after_smaller_ones_is_truncated(lua: Lua, stream: bool, before: list[str]) -> None:
+    # Issue #13's surviving mutant: the `len >= limit` branch must still flag the earlier bytes it drops.
+    limit = 8
+    chunks = [*before, "L" * limit]
+    conf = {"stream_tail_bytes": limit} if stream else {"max_response_body": limit}
+    headers = {":status": "200", "content-type": "text/event-stream" if stream else "application/json"}
+    sent = complete_call(lua.run(lua.filter(**conf), "on_response", headers=headers, chunks=chunks, metadata=ROUTED))
+    assert sent["body"] == b"L" * limit
+    assert sent["truncated"] is (len("".join(before)) > 0)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_tail_matches_python_for_random_chunks(lua: Lua, seed: int) -> None:
     rnd = random.Random(seed)
