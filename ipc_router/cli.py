@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import grp
 import inspect
 import logging
 import os
+import pwd
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +42,11 @@ _HELP = {
     "request_ttl": "seconds a routed request waits for its completion before it is expired",
     "max_body": "largest request body in bytes (413 beyond)",
     "max_header": "largest request head in bytes (431 beyond)",
+    "max_headers": "most header fields in a request (431 beyond)",
+    "max_pipeline": "most answers queued on one connection behind a slow one (503 and close beyond)",
+    "max_connections": "most open connections (503 and close beyond)",
+    "allow_uid": "admit only peers with these uids (SO_PEERCRED), names or numbers, repeatable or comma list",
+    "allow_gid": "admit only peers with these primary gids (SO_PEERCRED), names or numbers, repeatable or comma list",
     "cache_size": "route cache entries",
     "reload_interval": "seconds between config file checks",
     "drain_timeout": "seconds to let in-flight requests finish on SIGTERM",
@@ -55,6 +62,32 @@ def _env(name: str) -> str | None:
     return os.environ.get("IPC_ROUTER_" + name.upper())
 
 
+def _ids(lookup: Any) -> Any:
+    def parse(text: str) -> tuple[int, ...]:
+        out = []
+        for item in text.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            try:
+                out.append(int(item) if item.isdigit() else lookup(item))
+            except KeyError:
+                raise argparse.ArgumentTypeError(f"no such user or group {item!r}") from None
+        return tuple(out)
+
+    return parse
+
+
+class _Extend(argparse.Action):
+    """Repeatable list option: the first use replaces the default (from the environment), later ones add."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        seen = "_given_" + self.dest
+        current = getattr(namespace, self.dest) if getattr(namespace, seen, False) else ()
+        setattr(namespace, self.dest, (*current, *values))
+        setattr(namespace, seen, True)
+
+
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
@@ -63,8 +96,13 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         if f.name == "otlp_endpoint" and env is None:
             env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         kind: Any = str
+        action: Any = "store"
         if f.name == "socket_mode":
             kind = lambda s: int(s, 8)  # noqa: E731
+        elif f.name in ("allow_uid", "allow_gid"):
+            uid = f.name == "allow_uid"
+            kind = _ids((lambda n: pwd.getpwnam(n).pw_uid) if uid else (lambda n: grp.getgrnam(n).gr_gid))
+            action = _Extend
         elif isinstance(default, bool):
             kind = bool
         elif isinstance(default, int):
@@ -81,9 +119,12 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
             continue
         required = f.name == "socket" and default is None
         shown = f"{default:04o}" if f.name == "socket_mode" and isinstance(default, int) else default
-        help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if default is not None and f.name != "socket" else "")
+        has_default = default is not None and f.name != "socket" and default != ()
+        help_ = _HELP.get(f.name, "") + (f" (default: {shown})" if has_default else "")
         metavar = "OCTAL" if f.name == "socket_mode" else None
-        p.add_argument(flag, dest=f.name, type=kind, default=default, required=required, help=help_, metavar=metavar)
+        p.add_argument(
+            flag, dest=f.name, type=kind, default=default, required=required, help=help_, metavar=metavar, action=action
+        )
 
 
 def _serve(args: argparse.Namespace) -> int:

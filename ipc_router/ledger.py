@@ -42,6 +42,10 @@ class Stats:
     requests: Counter[tuple[str, str]] = field(default_factory=Counter)
     plugin_errors: Counter[str] = field(default_factory=Counter)
     reloads: Counter[str] = field(default_factory=Counter)
+    #: Requests and connections turned away by a limit, by limit (docs/reliability.md lists them).
+    limits: Counter[str] = field(default_factory=Counter)
+    #: Connections closed at accept because the peer's uid/gid is not in the allowlist.
+    refused_peers: int = 0
     usage_missing: int = 0
     expired: int = 0
     evicted: int = 0

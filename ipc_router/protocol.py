@@ -8,14 +8,18 @@ JSON, chosen by the request's ``content-type``; answers use the same format. See
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import httptools
 import msgspec
 import orjson
 
 __all__ = [
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_HEADERS",
+    "DEFAULT_MAX_HEADER_BYTES",
     "JSON",
+    "MAX_MESSAGE_HEADERS",
     "MSGPACK",
     "BadMessage",
     "CompleteMessage",
@@ -35,6 +39,12 @@ JSON = "application/json"
 
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+#: Header fields per request (Envoy's own default ``max_request_headers_count``); more is a 431.
+DEFAULT_MAX_HEADERS = 100
+#: Entries in a /route message's ``headers`` map (the client request's headers, forwarded by the filter): a length
+#: limit on the msgpack/JSON map, so a small body cannot make the sidecar build a huge dict. Nesting depth is
+#: bounded by msgspec itself (the interpreter's recursion limit, about 1000 levels): both are a 400.
+MAX_MESSAGE_HEADERS = 1024
 
 
 @dataclass(slots=True)
@@ -57,16 +67,23 @@ class Request:
 class ProtocolError(Exception):
     """The byte stream cannot be parsed further: answer ``status`` and close the connection."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, limit: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: The limit that was exceeded (``header_bytes``, ``headers``, ``body_bytes``), None for malformed input.
+        self.limit = limit
         #: Requests completed by the same ``feed`` call before framing was lost; answer them first.
         self.completed: list[Request] = []
 
 
 class BadMessage(ValueError):
     """A well-framed request whose body is not a usable message (400, the connection stays open)."""
+
+    def __init__(self, message: str, limit: str | None = None) -> None:
+        super().__init__(message)
+        #: The limit that was exceeded (``message_length``, ``message_depth``), None for other bad bodies.
+        self.limit = limit
 
 
 class Connection:
@@ -80,17 +97,23 @@ class Connection:
         "_header_bytes",
         "_headers",
         "_last_name",
+        "_n_headers",
         "_parser",
         "_url",
         "max_body_bytes",
         "max_header_bytes",
+        "max_headers",
     )
 
     def __init__(
-        self, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+        self,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_headers: int = DEFAULT_MAX_HEADERS,
     ) -> None:
         self.max_header_bytes = max_header_bytes
         self.max_body_bytes = max_body_bytes
+        self.max_headers = max_headers
         self._parser = httptools.HttpRequestParser(self)
         self._done: list[Request] = []
         self._error: ProtocolError | None = None
@@ -101,6 +124,7 @@ class Connection:
         self._headers: dict[str, str] = {}
         self._last_name = ""
         self._header_bytes = 0
+        self._n_headers = 0
         self._body: list[bytes] = []
         self._body_size = 0
 
@@ -127,8 +151,8 @@ class Connection:
             raise self._error
         return done
 
-    def _fail(self, status: int, message: str) -> None:
-        self._error = ProtocolError(status, message)
+    def _fail(self, status: int, message: str, limit: str) -> None:
+        self._error = ProtocolError(status, message, limit)
         raise self._error
 
     # httptools callbacks
@@ -139,12 +163,15 @@ class Connection:
         self._url += url
         self._header_bytes += len(url)
         if self._header_bytes > self.max_header_bytes:
-            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes")
+            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes", "header_bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value)
         if self._header_bytes > self.max_header_bytes:
-            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes")
+            self._fail(431, f"request line and headers exceed {self.max_header_bytes} bytes", "header_bytes")
+        self._n_headers += 1
+        if self._n_headers > self.max_headers:
+            self._fail(431, f"more than {self.max_headers} header fields", "headers")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         prev = self._headers.get(key)
@@ -153,12 +180,12 @@ class Connection:
     def on_headers_complete(self) -> None:
         length = self._headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            self._fail(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}")
+            self._fail(413, f"body of {length} bytes exceeds the limit of {self.max_body_bytes}", "body_bytes")
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
         if self._body_size > self.max_body_bytes:
-            self._fail(413, f"body exceeds the limit of {self.max_body_bytes} bytes")
+            self._fail(413, f"body exceeds the limit of {self.max_body_bytes} bytes", "body_bytes")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -204,7 +231,7 @@ def encode_response(status: int, body: bytes = b"", content_type: str = MSGPACK,
 
 class RouteMessage(msgspec.Struct):
     path: str
-    headers: dict[str, str]
+    headers: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_MESSAGE_HEADERS)]
     body: bytes
     t: int | None = None
     id: str | None = None
@@ -273,9 +300,13 @@ def decode_message(body: bytes, content_type: str, kind: type[M]) -> M:
     try:
         message: M = decoder.decode(body)
     except msgspec.ValidationError as e:
-        raise BadMessage(f"bad message: {e}") from None
+        text = str(e)
+        # msgspec names the broken constraint in its message; the only length constraint is MAX_MESSAGE_HEADERS.
+        raise BadMessage(f"bad message: {text}", "message_length" if "of length <=" in text else None) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise BadMessage(f"body is not valid {'JSON' if content_type == JSON else 'msgpack'}: {e}") from None
+    except RecursionError:
+        raise BadMessage("body is nested too deeply", "message_depth") from None
     return message
 
 
@@ -288,6 +319,8 @@ def decode_body(body: bytes, content_type: str) -> Any:
             return msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise BadMessage(f"body is not valid {'JSON' if content_type == JSON else 'msgpack'}: {e}") from None
+    except RecursionError:
+        raise BadMessage("body is nested too deeply", "message_depth") from None
     raise BadMessage(f"unsupported content-type {content_type!r}; use {MSGPACK} or {JSON}")
 
 

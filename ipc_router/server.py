@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_p
 from ipc_router.protocol import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS,
     JSON,
     Connection,
     ProtocolError,
@@ -60,6 +62,11 @@ class Settings:
     request_ttl: float = 600.0
     max_body: int = DEFAULT_MAX_BODY_BYTES
     max_header: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
+    max_pipeline: int = 128
+    max_connections: int = 1024
+    allow_uid: tuple[int, ...] = ()
+    allow_gid: tuple[int, ...] = ()
     cache_size: int = 4096
     reload_interval: float = 0.5
     drain_timeout: float = 10.0
@@ -102,7 +109,8 @@ class _SidecarProtocol(asyncio.Protocol):
     def __init__(self, server: Sidecar) -> None:
         self._server = server
         self._transport: asyncio.Transport | None = None
-        self._conn = Connection(server.settings.max_header, server.settings.max_body)
+        settings = server.settings
+        self._conn = Connection(settings.max_header, settings.max_body, settings.max_headers)
         # Answers waiting behind an async one, in request order: bytes, or (task, keep_alive).
         self._pending: deque[bytes | tuple[asyncio.Task[Response], bool]] = deque()
         self._out: list[bytes] = []
@@ -111,7 +119,21 @@ class _SidecarProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-        self._server.connections.add(self)
+        server = self._server
+        settings, stats = server.settings, server.service.stats
+        if (settings.allow_uid or settings.allow_gid) and not _peer_allowed(transport, settings):
+            stats.refused_peers += 1
+            self._closing = True
+            self._transport.close()  # not a byte to a peer we do not serve
+            return
+        if len(server.connections) >= settings.max_connections:
+            stats.limits["connections"] += 1
+            self._closing = True
+            busy = f"more than {settings.max_connections} connections"
+            self._transport.write(encode_response(503, orjson.dumps({"error": busy}), JSON, keep_alive=False))
+            self._transport.close()
+            return
+        server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
@@ -127,12 +149,21 @@ class _SidecarProtocol(asyncio.Protocol):
         try:
             requests = self._conn.feed(data)
         except ProtocolError as e:
+            if e.limit is not None:
+                self._server.service.stats.limits[e.limit] += 1
             for req in e.completed:
                 self._answer(req)
             self._emit(encode_response(e.status, orjson.dumps({"error": e.message}), JSON, keep_alive=False))
             self._closing = True
         else:
             for req in requests:
+                if len(self._pending) >= self._server.settings.max_pipeline:
+                    # Too many answers queued behind a slow one: refuse the rest rather than hold them all.
+                    self._server.service.stats.limits["pipeline"] += 1
+                    busy = f"more than {self._server.settings.max_pipeline} pipelined requests waiting"
+                    self._emit(encode_response(503, orjson.dumps({"error": busy}), JSON, keep_alive=False))
+                    self._closing = True
+                    break
                 self._answer(req)
                 if not req.keep_alive:
                     self._closing = True
@@ -201,6 +232,15 @@ class _SidecarProtocol(asyncio.Protocol):
             if result.after is not None:
                 self._after.append(result.after)
         self._write_out()
+
+    # Flow control: a client that sends but does not read stops being read once its answers fill the buffer.
+    def pause_writing(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._closing:
+            self._transport.resume_reading()
 
     def idle(self) -> bool:
         return not self._pending
@@ -409,6 +449,23 @@ def _aggregator(telemetry: Telemetry | None) -> Aggregator | None:
     except ValueError as e:
         log.warning("default metrics recorded per request (no aggregation): %s", e)
         return None
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _peer_allowed(transport: asyncio.BaseTransport, settings: Settings) -> bool:
+    """SO_PEERCRED of a new connection against ``allow_uid``/``allow_gid`` (either list may admit it)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    except (OSError, AttributeError) as e:
+        log.warning("refused a connection: cannot read its peer credentials (%s)", e)
+        return False
+    if uid in settings.allow_uid or gid in settings.allow_gid:
+        return True
+    log.warning("refused a connection from pid %d uid %d gid %d: not in --allow-uid/--allow-gid", pid, uid, gid)
+    return False
 
 
 def _stamp(path: str | None) -> tuple[int, int, int] | None:

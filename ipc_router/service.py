@@ -198,6 +198,8 @@ class Service:
         try:
             return decode_message(req.body, fmt, kind)
         except BadMessage as e:
+            if e.limit is not None:
+                self.stats.limits[e.limit] += 1
             return self._reject(req, endpoint, 400, str(e))
 
     # --- /route ---------------------------------------------------------------------------------------------------
@@ -221,7 +223,8 @@ class Service:
             return self._client_error("request body must be a JSON object", "invalid_body", fmt)
         except (msgspec.DecodeError, UnicodeDecodeError) as e:
             return self._client_error(f"request body is not valid JSON: {e}", "invalid_body", fmt)
-        except RecursionError:  # msgspec gives up near 1000 levels of nesting
+        except RecursionError:  # msgspec gives up near 1000 levels of nesting, even in fields it skips
+            self.stats.limits["message_depth"] += 1
             return self._client_error("request body is nested too deeply", "invalid_body", fmt)
         if not isinstance(model, str) or not model:
             return self._client_error("request body has no 'model' string", "missing_model", fmt)
@@ -394,6 +397,8 @@ class Service:
             "usage_missing": s.usage_missing,
             "records": dict(s.records),
             "fast_path": dict(self.fast_path.snapshot()) if self.fast_path is not None else None,
+            "limits": dict(s.limits),
+            "refused_peers": s.refused_peers,
         }
 
     def _register_observables(self) -> None:
@@ -412,6 +417,9 @@ class Service:
         def plugin_errors(_: CallbackOptions) -> list[Observation]:
             return [Observation(n, {"plugin": p}) for p, n in list(self.stats.plugin_errors.items())]
 
+        def limits(_: CallbackOptions) -> list[Observation]:
+            return [Observation(n, {"limit": name}) for name, n in list(self.stats.limits.items())]
+
         def single(get: Callable[[], int]) -> Callable[[CallbackOptions], list[Observation]]:
             return lambda _: [Observation(get())]
 
@@ -423,6 +431,14 @@ class Service:
         m.create_observable_counter("ipc_router.config_reloads", [reloads], description="Config loads by result.")
         m.create_observable_counter(
             "ipc_router.plugin_errors", [plugin_errors], description="Errors raised by plugins."
+        )
+        m.create_observable_counter(
+            "ipc_router.limit_rejections", [limits], description="Requests and connections refused by a limit."
+        )
+        m.create_observable_counter(
+            "ipc_router.peers_refused",
+            [single(lambda: s.refused_peers)],
+            description="Connections refused because the peer's uid/gid is not allowed.",
         )
         m.create_observable_counter(
             "ipc_router.usage_missing",

@@ -620,6 +620,8 @@ def test_stats_shape() -> None:
         "usage_missing": 1,  # the 200 completion had no body, so no usage
         "records": {},
         "fast_path": None,
+        "limits": {},
+        "refused_peers": 0,
     }
     # the no-match decision is not cached: a router exception is not a rule name
     assert svc.snapshot()["cache"]["size"] == 1
