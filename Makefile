@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench e2e-bench clean
+.PHONY: demo test lint typecheck unit bench e2e-bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,20 @@ unit: $(STAMP)
 
 test: lint typecheck $(STAMP)
 	$(BIN)/pytest -q
+
+# Fuzzing (docs/reliability.md): the seeded mutation fuzzer (sans-IO and a real sidecar over its socket), then
+# atheris (coverage-guided libFuzzer) when it installs. `make test` runs a short seeded version (tests/test_fuzz.py).
+FUZZ_INPUTS        ?= 1000000
+FUZZ_SOCKET_INPUTS ?= 20000
+FUZZ_ATHERIS_RUNS  ?= 100000
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz_harness.py --inputs $(FUZZ_INPUTS) --socket-inputs $(FUZZ_SOCKET_INPUTS)
+	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \
+		$(BIN)/python tests/fuzz_harness.py --atheris -runs=$(FUZZ_ATHERIS_RUNS) -timeout=2 -max_len=8192 \
+			-rss_limit_mb=2048 -artifact_prefix=/tmp/ipc-router-fuzz- -print_final_stats=1; \
+	else \
+		echo "atheris does not install here: seeded generator only"; \
+	fi
 
 bench: $(STAMP)
 	$(BIN)/pytest -q bench --benchmark-enable --benchmark-only

@@ -146,28 +146,29 @@ class _SidecarProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return  # framing was lost or the client said close: nothing more is read
+        error: ProtocolError | None = None
         try:
             requests = self._conn.feed(data)
         except ProtocolError as e:
-            if e.limit is not None:
-                self._server.service.stats.limits[e.limit] += 1
-            for req in e.completed:
-                self._answer(req)
-            self._emit(encode_response(e.status, orjson.dumps({"error": e.message}), JSON, keep_alive=False))
+            requests, error = e.completed, e
+        settings = self._server.settings
+        for req in requests:
+            if len(self._pending) >= settings.max_pipeline:
+                # Too many answers queued behind a slow one: refuse the rest rather than hold them all.
+                self._server.service.stats.limits["pipeline"] += 1
+                busy = f"more than {settings.max_pipeline} pipelined requests waiting"
+                self._emit(encode_response(503, orjson.dumps({"error": busy}), JSON, keep_alive=False))
+                self._closing = True
+                break
+            self._answer(req)
+            if not req.keep_alive:
+                self._closing = True  # bytes after it (llhttp's "data after close" error) get no answer
+                break
+        if error is not None and not self._closing:
+            if error.limit is not None:
+                self._server.service.stats.limits[error.limit] += 1
+            self._emit(encode_response(error.status, orjson.dumps({"error": error.message}), JSON, keep_alive=False))
             self._closing = True
-        else:
-            for req in requests:
-                if len(self._pending) >= self._server.settings.max_pipeline:
-                    # Too many answers queued behind a slow one: refuse the rest rather than hold them all.
-                    self._server.service.stats.limits["pipeline"] += 1
-                    busy = f"more than {self._server.settings.max_pipeline} pipelined requests waiting"
-                    self._emit(encode_response(503, orjson.dumps({"error": busy}), JSON, keep_alive=False))
-                    self._closing = True
-                    break
-                self._answer(req)
-                if not req.keep_alive:
-                    self._closing = True
-                    break
         self._write_out()
 
     def _answer(self, req: Request) -> None:
