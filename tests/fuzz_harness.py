@@ -20,6 +20,7 @@ exact, nothing left over), one per request, and a connection-closing error only 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -525,6 +526,9 @@ def fuzz_socket(server: LiveServer, inputs: Iterable[bytes]) -> Figures:
         if server.proc.poll() is not None:
             break
     figures.seconds = time.perf_counter() - started
+    with contextlib.suppress(Exception):  # the figures only; a dead server is already a crash
+        [stats] = parse_responses(exchange_socket(server.socket, http("GET", "/stats"))[0])
+        figures.limits = orjson.loads(stats.body)["limits"]
     log = server.output()
     if "Traceback" in log or "internal error" in log:
         figures.crashes += 1
@@ -541,7 +545,8 @@ def run_atheris(argv: list[str]) -> None:
 
     atheris.instrument_all()  # the Python code already imported (ipc_router's included) reports coverage
 
-    corpus = Path(tempfile.mkdtemp(prefix="iprfz-corpus", dir="/tmp"))
+    corpus = Path("/tmp/ipc-router-fuzz-corpus")  # kept between runs: libFuzzer adds what found new coverage
+    corpus.mkdir(exist_ok=True)
     for i, seed in enumerate(seeds()):
         (corpus / f"seed{i}").write_bytes(seed)
     svc = new_service()
