@@ -41,8 +41,8 @@ DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 #: Header fields per request (Envoy's own default ``max_request_headers_count``); more is a 431.
 DEFAULT_MAX_HEADERS = 100
-#: Entries in a /route message's ``headers`` map (the client request's headers, forwarded by the filter): a length
-#: limit on the msgpack/JSON map, so a small body cannot make the sidecar build a huge dict. Nesting depth is
+#: Entries in a /route or /record message's ``headers`` map (the client request's headers, forwarded by the filter):
+#: a length limit on the msgpack/JSON map, so a small body cannot make the sidecar build a huge dict. Nesting depth is
 #: bounded by msgspec itself (the interpreter's recursion limit, about 1000 levels): both are a 400.
 MAX_MESSAGE_HEADERS = 1024
 
@@ -229,9 +229,12 @@ def encode_response(status: int, body: bytes = b"", content_type: str = MSGPACK,
 # over JSON (people debugging with curl) they are plain strings.
 
 
+_Headers = Annotated[dict[str, str], msgspec.Meta(max_length=MAX_MESSAGE_HEADERS)]
+
+
 class RouteMessage(msgspec.Struct):
     path: str
-    headers: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_MESSAGE_HEADERS)]
+    headers: _Headers
     body: bytes
     t: int | None = None
     id: str | None = None
@@ -271,7 +274,7 @@ class RecordMessage(msgspec.Struct):
     t_first: int | None = None
     stream: bool = False
     truncated: bool = False
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    headers: _Headers = msgspec.field(default_factory=dict)
     body: bytes = b""
 
 

@@ -146,6 +146,16 @@ def test_route_message_headers_map_length_limit() -> None:
     assert svc.snapshot()["limits"] == {"message_length": 1}
 
 
+def test_record_message_headers_map_length_limit() -> None:
+    svc = service()
+    record = {"t": 1, "t_end": 2, "status": 200, "model": "m", "rule": "r"}
+    for n, status in ((1024, 409), (1025, 400)):  # 409: valid, but this sidecar has no fast path
+        body = msgpack.packb({**record, "headers": {f"x-{i}": "v" for i in range(n)}})
+        resp = svc.handle(Request("POST", "/record", {"content-type": MSGPACK}, body, True))
+        assert isinstance(resp, Response) and resp.status == status
+    assert svc.snapshot()["limits"] == {"message_length": 1}
+
+
 # --- limits on the real server ------------------------------------------------------------------------------------
 
 
