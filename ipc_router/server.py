@@ -64,7 +64,8 @@ class Settings:
     max_header: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     max_pipeline: int = 128
-    max_connections: int = 1024
+    #: As many as the generated bootstrap's circuit breaker lets Envoy open to the sidecar (envoy_config).
+    max_connections: int = 10000
     allow_uid: tuple[int, ...] = ()
     allow_gid: tuple[int, ...] = ()
     cache_size: int = 4096

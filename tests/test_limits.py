@@ -26,6 +26,7 @@ import pytest
 import test_server
 from test_server import CONFIG_YAML, Client, Server, cli, free_port, http_request, poll, route_request
 
+from ipc_router import envoy_config
 from ipc_router.cli import build_parser
 from ipc_router.filterapi import parse_config
 from ipc_router.protocol import (
@@ -106,6 +107,15 @@ def test_default_body_limit_on_the_real_server(start: Callable[..., Server]) -> 
     assert resp.status == 413 and resp.headers["connection"] == "close"
     assert c.at_eof()
     c.close()
+
+
+def test_default_connection_limit_admits_all_that_envoy_opens() -> None:
+    # Envoy's circuit breaker for the sidecar cluster caps its connections; the sidecar must not refuse below it.
+    assert Settings(socket="s").max_connections == envoy_config._CIRCUIT_BREAKER_LIMIT == 10000
+    sidecar = envoy_config.bootstrap(parse_config("rules: []\n"), socket_path="/tmp/x.sock")
+    clusters = {c["name"]: c for c in sidecar["static_resources"]["clusters"]}
+    [threshold] = clusters[envoy_config.SIDECAR_CLUSTER]["circuit_breakers"]["thresholds"]
+    assert threshold["max_connections"] <= Settings(socket="s").max_connections
 
 
 def test_default_header_count_is_100() -> None:
