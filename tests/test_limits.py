@@ -39,7 +39,7 @@ from ipc_router.protocol import (
     Request,
 )
 from ipc_router.router import Routing
-from ipc_router.server import Settings
+from ipc_router.server import Settings, _SidecarProtocol
 from ipc_router.service import Response, Service
 
 MIB = 1024 * 1024
@@ -250,6 +250,30 @@ def test_a_client_that_does_not_read_is_paused_not_buffered_without_end(start: C
     assert statuses == [200] * n
     assert c.get_json("/healthz")["status"] == "ok"  # and the connection still works
     c.close()
+
+
+def test_flow_control_pauses_reading_while_the_write_buffer_is_full() -> None:
+    from fuzz_harness import FakeSidecar, FakeTransport
+
+    calls: list[str] = []
+
+    class Recording(FakeTransport):
+        def pause_reading(self) -> None:
+            calls.append("pause")
+
+        def resume_reading(self) -> None:
+            calls.append("resume")
+
+    proto = _SidecarProtocol(FakeSidecar(service()))  # type: ignore[arg-type]
+    transport = Recording()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.pause_writing()  # what the event loop calls above the write buffer's high-water mark
+    proto.resume_writing()
+    assert calls == ["pause", "resume"]
+    proto.data_received(b"GET /healthz HTTP/1.1\r\nconnection: close\r\n\r\n")
+    proto.pause_writing()
+    proto.resume_writing()  # a closing connection is not read again
+    assert calls == ["pause", "resume", "pause"] and transport.closed
 
 
 # --- access: socket mode and SO_PEERCRED --------------------------------------------------------------------------
