@@ -235,6 +235,11 @@ class _SidecarProtocol(asyncio.Protocol):
                 self._after.append(result.after)
         self._write_out()
 
+    def eof_received(self) -> bool:
+        # A client that half-closes still gets the answers queued behind an async one; then the connection closes.
+        self._closing = True
+        return bool(self._pending)
+
     # Flow control: a client that sends but does not read stops being read once its answers fill the buffer.
     def pause_writing(self) -> None:
         if self._transport is not None:

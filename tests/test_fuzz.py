@@ -12,6 +12,7 @@ import msgpack
 import orjson
 import pytest
 from fuzz_harness import (
+    ASYNC_ROUTER,
     FUZZ_ID,
     MAX_BODY_BYTES,
     Failure,
@@ -43,7 +44,7 @@ def svc() -> Service:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[LiveServer]:
-    server = LiveServer()
+    server = LiveServer(*ASYNC_ROUTER)
     try:
         yield server
     finally:
@@ -220,6 +221,17 @@ def test_nothing_is_answered_after_a_closing_request(svc: Service, live: LiveSer
     for reply in (exchange(svc, data), exchange_socket(live.socket, data)[0]):
         [only] = parse_responses(reply)
         assert only.status == 200 and only.headers["connection"] == "close"
+
+
+def test_a_half_closed_connection_still_gets_its_async_answers(live: LiveServer) -> None:
+    # Found by the fuzzer (socket target, async router): on the client's half-close the transport closed at once
+    # and the answers still being computed were lost.
+    slow = http("POST", "/route", encode(route_message(headers={"x-sleep-ms": "50"}), MSGPACK))
+    reply, closed = exchange_socket(live.socket, slow + http("GET", "/healthz") + slow)
+    assert closed
+    answers = parse_responses(reply)
+    assert [a.status for a in answers] == [200, 200, 200]
+    assert msgpack.unpackb(answers[0].body)["set"]["x-ai-eg-selected-route"] == "gpt"
 
 
 # --- the seeded mutation fuzzer -----------------------------------------------------------------------------------
