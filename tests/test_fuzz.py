@@ -80,6 +80,17 @@ def test_checker_accepts_pipelined_replies() -> None:
     assert [r.status for r in parse_responses(reply)] == [200, 204, 400]
 
 
+def test_the_fuzzer_counts_an_error_the_server_only_logs() -> None:
+    # The server's safety nets log and keep serving (a 204 went out): the sans-IO target must still see them.
+    def broken(meter: Any) -> Any:
+        raise RuntimeError("metrics plugin broken on purpose")
+
+    svc = Service(new_service().routing, metrics_factory=broken)
+    figures = fuzz_sans_io([http("POST", "/route", encode(route_message(), MSGPACK))], svc=svc)
+    assert figures.crashes == 1
+    assert "metrics plugin raised" in figures.failures[0]
+
+
 # --- hypothesis: properties of the protocol and of request handling -----------------------------------------------
 
 
