@@ -205,7 +205,7 @@ def test_deep_nesting_is_a_400_not_a_500(svc: Service, deep: bytes, fmt: str) ->
     before = svc.stats.limits["message_depth"]
     [reply] = parse_responses(exchange(svc, http("POST", "/route", body, fmt)))
     assert reply.status == 400
-    assert b"nests too deeply" in reply.body
+    assert b"is nested too deeply" in reply.body
     assert svc.stats.limits["message_depth"] == before + 1
 
 
@@ -215,7 +215,7 @@ def test_deep_nesting_in_the_openai_body_is_a_client_400(svc: Service) -> None:
     [reply] = parse_responses(exchange(svc, http("POST", "/route", msgpack.packb(msg), MSGPACK)))
     answer = msgpack.unpackb(reply.body)
     assert answer["respond"]["status"] == 400
-    assert orjson.loads(answer["respond"]["body"])["error"]["message"] == "request body nests too deeply"
+    assert orjson.loads(answer["respond"]["body"])["error"]["message"] == "request body is nested too deeply"
 
 
 @pytest.mark.parametrize(
