@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench e2e-bench fuzz clean
+.PHONY: demo test lint typecheck unit bench e2e-bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ test: lint typecheck $(STAMP)
 FUZZ_INPUTS        ?= 1000000
 FUZZ_SOCKET_INPUTS ?= 20000
 FUZZ_ATHERIS_RUNS  ?= 100000
+# Ten minutes of steady traffic with reloads through a real Envoy and sidecar; prints the figures, exit 1 on a problem.
+SOAK_SECONDS ?= 600
+soak: $(STAMP)
+	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS)
+
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz_harness.py --inputs $(FUZZ_INPUTS) --socket-inputs $(FUZZ_SOCKET_INPUTS)
 	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \

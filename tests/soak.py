@@ -1,0 +1,203 @@
+"""Soak: a real Envoy and sidecar (fast path on) under a steady request rate, streaming and not, with config
+reloads, for a fixed time; then the books are checked.
+
+``python -m tests.soak --seconds 600`` (``make soak``) prints the figures as JSON; ``tests/test_soak.py`` runs a
+30-second version inside ``make test``. Traffic goes to 127.0.0.1 only, at a bounded rate, for a bounded time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ipc_router.stack import Stack, free_port
+from tests.e2e import Backends, chat, model_rule, samples, scrape, start_backends, wait_until, write_config
+
+MODELS = ("soak-a", "soak-b", "soak-c")
+
+
+@dataclass
+class Figures:
+    seconds: float
+    rate: float
+    sent: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    reloads: int = 0
+    recorded: float = 0.0  # gen_ai_server_request_duration_count, all series
+    output_tokens_expected: int = 0
+    output_tokens_recorded: float = 0.0
+    rss_start_kib: int = 0
+    rss_end_kib: int = 0
+    fds_start: int = 0
+    fds_end: int = 0
+    in_flight_end: int = 0
+    ring_drops: int = 0
+    records_by_source: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def rss_growth(self) -> float:
+        return (self.rss_end_kib - self.rss_start_kib) / self.rss_start_kib if self.rss_start_kib else 0.0
+
+    def problems(self) -> list[str]:
+        """What the soak must not show: errors, lost or double-counted completions, leaks."""
+        out = []
+        if self.errors:
+            out.append(f"client errors: {self.errors}")
+        if self.recorded != self.ok:
+            out.append(f"{self.ok} requests completed, {self.recorded:.0f} recorded")
+        if self.output_tokens_recorded != self.output_tokens_expected:
+            out.append(f"output tokens: {self.output_tokens_expected} sent, {self.output_tokens_recorded:.0f} recorded")
+        if self.rss_growth >= 0.05:
+            out.append(f"sidecar RSS grew {self.rss_growth:.1%} ({self.rss_start_kib} -> {self.rss_end_kib} KiB)")
+        if self.fds_end > self.fds_start + 4:
+            out.append(f"sidecar fds {self.fds_start} -> {self.fds_end}")
+        if self.in_flight_end:
+            out.append(f"{self.in_flight_end} requests left in flight")
+        if self.ring_drops:
+            out.append(f"{self.ring_drops} records dropped by full rings")
+        return out
+
+
+def _proc(pid: int) -> tuple[int, int]:
+    rss = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _stats(stack: Stack) -> dict[str, Any]:
+    import socket
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(stack.socket)
+    try:
+        s.sendall(b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        raw = b""
+        while chunk := s.recv(65536):
+            raw += chunk
+    finally:
+        s.close()
+    data: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
+    return data
+
+
+def _rules(flip: bool) -> list[dict[str, Any]]:
+    a, b = ("a", "b") if not flip else ("b", "a")
+    return [
+        model_rule("ra", "soak-a", (a, 3), (b, 1)),
+        model_rule("rb", "soak-b", b),
+        model_rule("rc", "soak-c", "c"),
+    ]
+
+
+def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_every: float = 3.0) -> Figures:
+    fig = Figures(seconds=seconds, rate=rate)
+    work = Path(tempfile.mkdtemp(prefix="soak", dir="/tmp"))
+    backends: Backends = start_backends("a", "b", "c", tokens=4)
+    lock = threading.Lock()
+    try:
+        cfg = write_config(work / "config.yaml", _rules(False), backends)
+        with Stack(str(cfg), metrics_port=free_port()) as stack:
+            assert stack.sidecar is not None and stack.metrics_url is not None
+            stop_at = time.monotonic() + seconds
+            warm_at = time.monotonic() + min(5.0, seconds / 4)
+            measured = threading.Event()
+
+            def client(seed: int) -> None:
+                rnd = random.Random(seed)
+                host, port = "127.0.0.1", stack.listen_port
+                conn = http.client.HTTPConnection(host, port, timeout=10)
+                interval = clients / rate
+                next_at = time.monotonic()
+                while time.monotonic() < stop_at:
+                    next_at += interval
+                    stream = rnd.random() < 0.4
+                    tokens = rnd.randint(1, 8)
+                    body = json.dumps(chat(rnd.choice(MODELS), stream=stream)).encode()
+                    headers = {"content-type": "application/json", "x-mock-tokens": str(tokens)}
+                    try:
+                        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+                        resp = conn.getresponse()
+                        resp.read()
+                        key = "ok" if resp.status == 200 else f"status {resp.status}"
+                    except (OSError, http.client.HTTPException) as e:
+                        key = type(e).__name__
+                        conn.close()
+                        conn = http.client.HTTPConnection(host, port, timeout=10)
+                    with lock:
+                        fig.sent += 1
+                        if key == "ok":
+                            fig.ok += 1
+                            fig.output_tokens_expected += tokens
+                        else:
+                            fig.errors[key] = fig.errors.get(key, 0) + 1
+                    delay = next_at - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                conn.close()
+
+            threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
+            for t in threads:
+                t.start()
+            flip = False
+            next_reload = time.monotonic() + reload_every
+            while time.monotonic() < stop_at:
+                now = time.monotonic()
+                if not measured.is_set() and now >= warm_at:
+                    fig.rss_start_kib, fig.fds_start = _proc(stack.sidecar.pid)
+                    measured.set()
+                if now >= next_reload:
+                    flip = not flip
+                    write_config(cfg, _rules(flip), backends)
+                    fig.reloads += 1
+                    next_reload = now + reload_every
+                    backends.clear()  # the mocks keep every request: keep the test process small
+                time.sleep(0.05)
+            for t in threads:
+                t.join(timeout=15)
+
+            def settled() -> bool:
+                text = scrape(stack.metrics_url or "")
+                fig.recorded = sum(samples(text, "gen_ai_server_request_duration_seconds_count"))
+                return fig.recorded >= fig.ok
+
+            wait_until(settled, timeout=10)
+            text = scrape(stack.metrics_url)
+            fig.output_tokens_recorded = sum(samples(text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output"))
+            fig.rss_end_kib, fig.fds_end = _proc(stack.sidecar.pid)
+            st = _stats(stack)
+            fig.in_flight_end = int(st["in_flight"])
+            fig.ring_drops = int((st.get("fast_path") or {}).get("drops", 0))
+            fig.records_by_source = dict(st.get("records", {}))
+    finally:
+        backends.stop()
+    return fig
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--rate", type=float, default=100.0, help="requests per second, all clients together")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--reload-every", type=float, default=5.0)
+    a = p.parse_args()
+    fig = run(a.seconds, a.rate, a.clients, a.reload_every)
+    print(json.dumps({**asdict(fig), "rss_growth": round(fig.rss_growth, 4), "problems": fig.problems()}, indent=2))
+    return 1 if fig.problems() else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
