@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -264,3 +265,29 @@ def test_custom_metrics_that_raise_never_fail_the_request(backends: Backends, tm
 
         assert wait_until(lambda: errors() == 2)
         assert s.sidecar is not None and s.sidecar.poll() is None
+
+
+def test_clean_stop_records_what_the_rings_still_hold(backends: Backends, tmp_path: Path) -> None:
+    """SIGTERM: the last drain of the rings happens before the final OTLP export, so no completion that reached a
+    ring is lost at a clean stop. The drain loop runs once a minute here: only the final drain can find them."""
+    receiver = _OTLPReceiver()
+    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"http://127.0.0.1:{receiver.server_address[1]}"
+        cfg = write_config(tmp_path / "config.yaml", [model_rule("m-stop", "m-stop", "a")], backends)
+        args = ["--otlp-endpoint", endpoint, "--otlp-interval", "60", "--shm-drain-interval", "60"]
+        with Stack(str(cfg), sidecar_args=args) as s:
+            assert s.sidecar is not None and s.shm
+            tokens = {"x-mock-tokens": "2"}
+            for _ in range(11):  # the miss, then hits
+                assert request(s.url, "/v1/chat/completions", chat("m-stop"), tokens).status == 200
+            s.sidecar.send_signal(signal.SIGTERM)
+            assert s.sidecar.wait(timeout=15) == 0
+        points = _otlp_points(receiver.exports, "gen_ai.server.request.duration", "m-stop")
+        assert points and max(p.count for _, p in points) == 11
+        usage = _otlp_points(receiver.exports, "gen_ai.client.token.usage", "m-stop")
+        outputs = [p for attrs, p in usage if attrs.get("gen_ai.token.type") == "output"]
+        assert max(p.sum for p in outputs) == 11 * 2
+    finally:
+        receiver.shutdown()
