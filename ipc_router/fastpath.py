@@ -22,7 +22,7 @@ from ipc_router.protocol import RecordMessage
 from ipc_router.router import Decision, Routing
 from ipc_router.shm import Segment, route_key
 
-__all__ = ["FastPath", "segment_path"]
+__all__ = ["FastPath", "completion_of", "open_fast_path", "retire_segment", "segment_path"]
 
 log = logging.getLogger("ipc_router")
 
@@ -111,17 +111,7 @@ class FastPath:
 
     def record(self, msg: RecordMessage) -> None:
         """One completion (from a ring, or ``/record``)."""
-        backend = self._backends.get(msg.backend) if msg.backend is not None else None
-        if backend is None and msg.backend is not None:
-            backend = Backend(name=msg.backend)
-        body = msg.body if isinstance(msg.body, bytes) else msg.body.encode()
-        self.ledger.record(
-            Completion(
-                headers=msg.headers, model=msg.model, backend=backend, status=msg.status, stream=msg.stream,
-                start=msg.t * _NS, first=msg.t_first * _NS if msg.t_first is not None else None,
-                end=msg.t_end * _NS, body=body, truncated=msg.truncated,
-            )
-        )  # fmt: skip
+        self.ledger.record(completion_of(msg, self._backends))
 
     def stop(self) -> int:
         """The sidecar stops: the filter goes back to the socket; what the rings still hold is recorded."""
@@ -137,6 +127,39 @@ class FastPath:
             str(i): r for i, r in enumerate(stats.pop("rings")) if r["claimed"] or r["drained"] or r["drops"]
         }
         return {"path": self.segment.path, "generation": self.segment.generation, **stats, "rings": rings}
+
+
+def completion_of(msg: RecordMessage, backends: Mapping[str, Backend]) -> Completion:
+    """A record as the ledger takes it; the backend by name (a bare one when no config knows it any more)."""
+    backend = None
+    if msg.backend is not None:
+        backend = backends.get(msg.backend) or Backend(name=msg.backend)
+    body = msg.body if isinstance(msg.body, bytes) else msg.body.encode()
+    return Completion(
+        headers=msg.headers, model=msg.model, backend=backend, status=msg.status, stream=msg.stream,
+        start=msg.t * _NS, first=msg.t_first * _NS if msg.t_first is not None else None,
+        end=msg.t_end * _NS, body=body, truncated=msg.truncated,
+    )  # fmt: skip
+
+
+def retire_segment(path: str, ledger: Ledger, routing: Routing) -> int | None:
+    """A sidecar started without the fast path: a segment an earlier sidecar left at ``path`` is drained (its
+    records are recorded) and stopped, so that no Envoy worker keeps serving from it or writing into rings nobody
+    reads. Returns how many records it held; ``None`` when there was none."""
+    if not os.path.exists(path):
+        return None
+    segment, leftover = Segment.open(path)
+    leftover += segment.stop()
+    backends = {b.name: b for r in routing.config.rules for b in r.backends}
+    for payload in leftover:
+        try:
+            msg = _RECORD.decode(payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            ledger.stats.records["bad"] += 1
+            continue
+        ledger.stats.records["ring"] += 1
+        ledger.record(completion_of(msg, backends))
+    return len(leftover)
 
 
 def _names_or_all(names: tuple[str, ...] | None) -> list[str] | bool:

@@ -23,7 +23,7 @@ import orjson
 
 from ipc_router import shm, x
 from ipc_router.aggregate import Aggregator
-from ipc_router.fastpath import FastPath, open_fast_path, segment_path
+from ipc_router.fastpath import FastPath, open_fast_path, retire_segment, segment_path
 from ipc_router.filterapi import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
@@ -346,12 +346,20 @@ class Sidecar:
 
     def _open_fast_path(self) -> None:
         s = self.settings
+        path = segment_path(s.socket, s.shm_dir)
         if not s.shm:
+            if shm.supported():
+                try:
+                    n = retire_segment(path, self.service.ledger, self.service.routing)
+                except (OSError, ValueError, shm.SegmentError) as e:
+                    log.warning("cannot retire the shared-memory segment %s: %s", path, e)
+                else:
+                    if n is not None:
+                        log.info("fast path off (--no-shm): retired %s and recorded its %d records", path, n)
             return
         if not shm.supported():
             log.warning("shared-memory fast path off: proven correct on x86-64 Linux only (docs/shm.md)")
             return
-        path = segment_path(s.socket, s.shm_dir)
         try:
             self.fast_path = open_fast_path(path, self.service.ledger, self.service.routing, mode=s.socket_mode)
         except (OSError, ValueError, shm.SegmentError) as e:

@@ -335,12 +335,18 @@ class Service:
         msg = self._message(req, "record", RecordMessage)
         if isinstance(msg, Response):
             return msg
-        sink = self.fast_path
-        if sink is None:
-            return self._reject(req, "record", 409, "this sidecar runs no fast path; use /complete")
         self.stats.requests["record", "ok"] += 1
         self.stats.records["socket"] += 1
-        return Response(204, after=lambda: sink.record(msg))
+        sink = self.fast_path
+        if sink is not None:
+            return Response(204, after=lambda: sink.record(msg))
+        # A filter still on a fast path this sidecar does not run (it was restarted with --no-shm): the record is
+        # self-contained, so it is recorded all the same.
+        from ipc_router.fastpath import completion_of
+
+        config = self.routing.config
+        backends = {b.name: b for r in config.rules for b in r.backends}
+        return Response(204, after=lambda: self.ledger.record(completion_of(msg, backends)))
 
     # --- /v1/models, /stats ---------------------------------------------------------------------------------------
 

@@ -95,7 +95,7 @@ class Stack:
             cmd += ["--metrics", self.metrics]
         if self.metrics_port:
             cmd += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
-        cmd += ["--shm-dir", self.workdir] if self.shm else ["--no-shm"]
+        cmd += ["--shm-dir", self.workdir] + ([] if self.shm else ["--no-shm"])
         cmd += list(self.sidecar_args)
         env = {**os.environ, **self.env}
         env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)

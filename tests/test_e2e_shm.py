@@ -276,3 +276,31 @@ def test_fast_path_off_and_on_route_and_count_alike(backends: Backends, tmp_path
     assert on[200, "a"] + on[200, "b"] == off[200, "a"] + off[200, "b"]
     assert abs(on[200, "a"] - off[200, "a"]) <= 1
     assert on_totals == off_totals
+
+
+def test_a_sidecar_restarted_without_the_fast_path_retires_the_segment(backends: Backends, tmp_path: Path) -> None:
+    """kill -9, then a sidecar with --no-shm: the filter must not keep serving from (and writing records into) a
+    segment nobody reads. The new sidecar records what the rings held, stops the segment, and the filter takes the
+    socket path; a record that still comes over /record is recorded too."""
+    cfg = write_config(tmp_path / "config.yaml", rules(), backends)
+    with Stack(str(cfg), metrics_port=free_port()) as s:
+        assert s.sidecar is not None
+        assert request(s.url, PATH, sdk_body("gpt-4o-mini")).status == 200
+        assert wait_until(lambda: recorded(s) == 1)
+        s.sidecar.send_signal(signal.SIGKILL)
+        s.sidecar.wait()
+        for _ in range(3):  # hits from the orphaned segment; their records wait in the rings
+            assert request(s.url, PATH, sdk_body("gpt-4o-mini")).status == 200
+        s.shm = False
+        s.start_sidecar()
+        assert not os.path.exists(segment_path(s.socket, s.workdir))
+        assert recorded(s) == 3  # the three completions the rings held
+        before = route_calls(s)
+        for _ in range(3):
+            assert request(s.url, PATH, sdk_body("gpt-4o-mini")).status == 200
+        assert route_calls(s) == before + 3  # the socket path now
+
+        def count() -> float:
+            return sum(samples(scrape(s.metrics_url or ""), "gen_ai_server_request_duration_seconds_count"))
+
+        assert wait_until(lambda: count() == 6, timeout=5), count()
