@@ -95,12 +95,15 @@ def start_backends(*names: str, **kwargs: Any) -> Backends:
 
 
 def write_config(path: Path, rules: list[dict[str, Any]], backends: Backends, **top: Any) -> Path:
-    """A filter config whose backends' endpoints point at the running mocks (by backend name)."""
+    """A filter config whose backends' endpoints point at the running mocks (by backend name). Written as editors
+    and the kubelet do, by renaming a complete file over the old one: a reload never reads half a file."""
     for rule in rules:
         for b in rule.get("backends", []):
             b.setdefault("endpoint", f"http://127.0.0.1:{backends[b['name']].port}")
             b.setdefault("schema", {"name": "OpenAI"})
-    path.write_text(yaml.safe_dump({"schema": {"name": "OpenAI"}, **top, "rules": rules}, sort_keys=False))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump({"schema": {"name": "OpenAI"}, **top, "rules": rules}, sort_keys=False))
+    tmp.replace(path)
     return path
 
 

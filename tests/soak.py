@@ -43,6 +43,10 @@ class Figures:
     in_flight_end: int = 0
     ring_drops: int = 0
     records_by_source: dict[str, int] = field(default_factory=dict)
+    #: (seconds since start, sidecar RSS in KiB), every few seconds: a leak grows steadily, a warm-up levels off.
+    rss_samples: list[tuple[float, int]] = field(default_factory=list)
+    #: The first few failures: (seconds since start, model, stream, what).
+    failures: list[tuple[float, str, bool, str]] = field(default_factory=list)
 
     @property
     def rss_growth(self) -> float:
@@ -112,8 +116,12 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
         cfg = write_config(work / "config.yaml", _rules(False), backends)
         with Stack(str(cfg), metrics_port=free_port()) as stack:
             assert stack.sidecar is not None and stack.metrics_url is not None
-            stop_at = time.monotonic() + seconds
-            warm_at = time.monotonic() + min(5.0, seconds / 4)
+            t0 = time.monotonic()
+            stop_at = t0 + seconds
+            # RSS is compared from a quarter of the run on (first allocations, caches and metric series are warm)
+            warm_at = t0 + seconds / 4
+            sample_every = max(1.0, seconds / 60)
+            next_sample = t0
             measured = threading.Event()
 
             def client(seed: int) -> None:
@@ -126,7 +134,8 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
                     next_at += interval
                     stream = rnd.random() < 0.4
                     tokens = rnd.randint(1, 8)
-                    body = json.dumps(chat(rnd.choice(MODELS), stream=stream)).encode()
+                    model = rnd.choice(MODELS)
+                    body = json.dumps(chat(model, stream=stream)).encode()
                     headers = {"content-type": "application/json", "x-mock-tokens": str(tokens)}
                     try:
                         conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
@@ -144,6 +153,8 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
                             fig.output_tokens_expected += tokens
                         else:
                             fig.errors[key] = fig.errors.get(key, 0) + 1
+                            if len(fig.failures) < 20:
+                                fig.failures.append((round(time.monotonic() - t0, 2), model, stream, key))
                     delay = next_at - time.monotonic()
                     if delay > 0:
                         time.sleep(delay)
@@ -156,6 +167,9 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
             next_reload = time.monotonic() + reload_every
             while time.monotonic() < stop_at:
                 now = time.monotonic()
+                if now >= next_sample:
+                    fig.rss_samples.append((round(now - t0, 1), _proc(stack.sidecar.pid)[0]))
+                    next_sample = now + sample_every
                 if not measured.is_set() and now >= warm_at:
                     fig.rss_start_kib, fig.fds_start = _proc(stack.sidecar.pid)
                     measured.set()
