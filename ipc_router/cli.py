@@ -19,8 +19,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ipc_router import x
-from ipc_router.filterapi import ConfigError, load_config
+from ipc_router import extensions
+from ipc_router.config import ConfigError, load_config
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.router import Decision, Routing
 from ipc_router.server import Settings, load_routing, run
@@ -155,7 +155,7 @@ def _check_config(args: argparse.Namespace) -> int:
                     f"{args.path}: rules[{i}].backends[{j}]: backend {b.name!r} of rule {rule.name!r} has no "
                     "endpoint: ipc-router envoy-config needs one to generate its cluster"
                 )
-    router: x.NewCustomRouterFn | None = None
+    router: extensions.NewCustomRouterFn | None = None
     for spec, group, key in ((config.server.router, ROUTERS_GROUP, "router"),
                              (config.server.metrics, METRICS_GROUP, "metrics")):  # fmt: skip
         if spec is None:
@@ -184,7 +184,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _route(args: argparse.Namespace) -> int:
     try:
-        factory = load_plugin(args.router, ROUTERS_GROUP, args.app_dir) if args.router else x.new_custom_router
+        factory = load_plugin(args.router, ROUTERS_GROUP, args.app_dir) if args.router else extensions.new_custom_router
         routing = load_routing(args.config, factory, 1)
     except (ConfigError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -201,7 +201,7 @@ def _route(args: argparse.Namespace) -> int:
     try:
         result = routing.route(headers)
         decision = result if isinstance(result, Decision) else _run_async(result)
-    except x.NoMatchingRuleError as e:
+    except extensions.NoMatchingRuleError as e:
         print(f"no match: {e}")
         return 1
     print(f"rule: {decision.rule.name}")

@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from ipc_router.filterapi import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
+from ipc_router.config import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
 
 __all__ = [
     "FAILURE_MODES",

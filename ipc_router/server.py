@@ -21,10 +21,10 @@ from typing import cast
 
 import orjson
 
-from ipc_router import shm, x
+from ipc_router import extensions, shm
 from ipc_router.aggregate import Aggregator
+from ipc_router.config import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.fastpath import FastPath, open_fast_path, retire_segment, segment_path
-from ipc_router.filterapi import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
     DEFAULT_MAX_BODY_BYTES,
@@ -86,7 +86,7 @@ def _read_config(path: str | None) -> Config:
 
 
 def load_routing(
-    path: str | None, new_custom_router: x.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
+    path: str | None, new_custom_router: extensions.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
 ) -> Routing:
     """Read the config (missing file: default config) and build its routing. Raises ConfigError, or PluginError
     when a custom router factory raises."""
@@ -270,10 +270,10 @@ class Sidecar:
         config_settings = _read_config(settings.config).server if settings.config else default_config().server
         self.router_spec = router_spec = settings.router or config_settings.router
         self.metrics_spec = metrics_spec = settings.metrics or config_settings.metrics
-        self.new_custom_router: x.NewCustomRouterFn | None = (
-            load_plugin(router_spec, ROUTERS_GROUP, settings.app_dir) if router_spec else x.new_custom_router
+        self.new_custom_router: extensions.NewCustomRouterFn | None = (
+            load_plugin(router_spec, ROUTERS_GROUP, settings.app_dir) if router_spec else extensions.new_custom_router
         )
-        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = (
+        metrics_factory: extensions.NewCustomChatCompletionMetricsFn | None = (
             load_plugin(metrics_spec, METRICS_GROUP, settings.app_dir) if metrics_spec else None
         )
         header_attrs = parse_header_attributes(
@@ -457,7 +457,7 @@ class Sidecar:
 
 def _aggregator(telemetry: Telemetry | None) -> Aggregator | None:
     """The default metrics, aggregated in the sidecar instead of recorded into the SDK one value at a time."""
-    if telemetry is None or x.new_custom_chat_completion_metrics is not None:
+    if telemetry is None or extensions.new_custom_chat_completion_metrics is not None:
         return None
     try:
         return Aggregator(telemetry.provider, telemetry.readers)

@@ -18,8 +18,8 @@ import msgspec
 import orjson
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
 
-from ipc_router import x
-from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
+from ipc_router import extensions
+from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
 from ipc_router.ledger import CompletionAggregator, Ledger, Stats
 from ipc_router.metrics import new_default_chat_completion_metrics
 from ipc_router.protocol import (
@@ -122,7 +122,7 @@ class Service:
         routing: Routing,
         *,
         meter: Meter | None = None,
-        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = None,
+        metrics_factory: extensions.NewCustomChatCompletionMetricsFn | None = None,
         header_attributes: Sequence[tuple[str, str]] = (),
         router_timeout: float = 0.2,
         request_ttl: float = 600.0,
@@ -257,7 +257,7 @@ class Service:
         return self._answer_respond(_error(400, message, "invalid_request_error", code), fmt)
 
     def _route_failed(self, e: Exception, model: str, fmt: str) -> Response:
-        if isinstance(e, x.NoMatchingRuleError):
+        if isinstance(e, extensions.NoMatchingRuleError):
             self.stats.requests["route", "no_match"] += 1
             resp = _error(
                 404, f"no matching rule found for model {model!r}", "invalid_request_error", "model_not_found"

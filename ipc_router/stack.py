@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ipc_router.filterapi import load_config
+from ipc_router.config import load_config
 
 __all__ = ["Stack", "StackError", "envoy_binary", "free_port", "read_tail", "stop_process"]
 
