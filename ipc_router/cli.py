@@ -243,7 +243,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
 
 def _mock_backend(args: argparse.Namespace) -> int:
-    from ipc_router import mock_backend
+    from ipc_router.tools import mock_backend
 
     return mock_backend.run_from_args(args)
 
@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--shm-dir", default="/dev/shm", help="as the sidecar's --shm-dir (default: /dev/shm)")
     envoy.set_defaults(func=_envoy_config)
 
-    from ipc_router.mock_backend import DESCRIPTION, add_arguments
+    from ipc_router.tools.mock_backend import DESCRIPTION, add_arguments
 
     mock = sub.add_parser(
         "mock-backend", help="run a mock OpenAI-compatible LLM backend (try the gateway without an LLM)",

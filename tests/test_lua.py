@@ -1,6 +1,6 @@
 """Unit tests for ipc_router/lua/ipc_router.lua (msgpack codec and filter logic), run under lupa.
 
-The Envoy handle is faked here (tests/lua_harness.py); end-to-end tests with a real Envoy live
+The Envoy handle is faked here (tests/support/lua_harness.py); end-to-end tests with a real Envoy live
 elsewhere.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 import msgpack
 import pytest
-from lua_harness import LUPA, MODULE_PATH, ROOT, Lua, py, seq
+
+from tests.support.lua_harness import LUPA, MODULE_PATH, ROOT, Lua, py, seq
 
 
 @pytest.fixture(scope="module")
@@ -903,7 +904,7 @@ def test_luacheck_clean(args: list[str]) -> None:
 
 
 def test_module_defines_no_globals() -> None:
-    from lua_harness import loader_code, new_runtime
+    from tests.support.lua_harness import loader_code, new_runtime
 
     rt = new_runtime()
     names = rt.eval(b"function() local n = {} for k in pairs(_G) do n[#n + 1] = k end return n end")

@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULE_PATH = ROOT / "ipc_router" / "lua" / "ipc_router.lua"
 
 
