@@ -218,23 +218,23 @@ def _run_async(awaitable: Any) -> Decision:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from ipc_router.envoy_config import bootstrap, render
+    from ipc_router.envoy_config import DEFAULT_LLM_PATHS, BootstrapOptions, bootstrap, render
     from ipc_router.fastpath import segment_path
 
     try:
         config = load_config(args.config)
-        doc = bootstrap(
-            config,
+        options = BootstrapOptions(
             socket_path=args.socket,
             listen=args.listen,
             admin=args.admin,
             failure_mode=args.failure_mode,
             fallback_route=args.fallback_route,
             passthrough=args.passthrough,
-            llm_paths=args.llm_path or ("/v1/chat/completions",),
+            llm_paths=args.llm_path or DEFAULT_LLM_PATHS,
             route_timeout_ms=args.route_timeout_ms,
             shm_path=segment_path(args.socket, args.shm_dir) if args.shm else None,
         )
+        doc = bootstrap(config, options)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -128,11 +128,10 @@ class Stack:
     # --- envoy ----------------------------------------------------------------------------------------------------
 
     def bootstrap_dict(self) -> dict[str, Any]:
-        from ipc_router.envoy_config import bootstrap
+        from ipc_router.envoy_config import BootstrapOptions, bootstrap
         from ipc_router.fastpath import segment_path
 
-        return bootstrap(
-            load_config(self.config),
+        options = BootstrapOptions(
             socket_path=self.socket,
             listen=f"127.0.0.1:{self.listen_port}",
             admin=f"127.0.0.1:{self.admin_port}",
@@ -141,6 +140,7 @@ class Stack:
             passthrough=self.passthrough,
             shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
         )
+        return bootstrap(load_config(self.config), options)
 
     def bootstrap_yaml(self) -> str:
         from ipc_router.envoy_config import render
