@@ -1,8 +1,8 @@
 """``ipc-router``: serve, check-config, route, envoy-config, mock-backend, health.
 
-Every ``serve`` option maps to one field of :class:`~ipc_router.server.Settings` and can also be set by the
+Every ``serve`` option maps to one field of :class:`~ipc_router.settings.Settings` and can also be set by the
 environment variable ``IPC_ROUTER_<OPTION>`` (``--metrics-addr`` → ``IPC_ROUTER_METRICS_ADDR``); a flag wins
-over the variable, which wins over the config file's ``server:`` section.
+over the variable, which wins over the config file's ``server:`` section (:mod:`ipc_router.settings`).
 """
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import grp
 import inspect
 import logging
 import os
-import pwd
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ipc_router import extensions
-from ipc_router.config import ConfigError, load_config
+from ipc_router.config import Config, ConfigError, load_config
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.router import Decision, Routing
-from ipc_router.server import Settings, load_routing, run
+from ipc_router.server import load_routing, read_config, run
+from ipc_router.settings import Settings, defaults, resolve, value_type
 
 __all__ = ["main"]
 
@@ -58,26 +57,6 @@ _HELP = {
 _APP_DIR_HELP = _HELP["app_dir"] + " (default: the working directory)"
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get("IPC_ROUTER_" + name.upper())
-
-
-def _ids(lookup: Any) -> Any:
-    def parse(text: str) -> tuple[int, ...]:
-        out = []
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            try:
-                out.append(int(item) if item.isdigit() else lookup(item))
-            except KeyError:
-                raise argparse.ArgumentTypeError(f"no such user or group {item!r}") from None
-        return tuple(out)
-
-    return parse
-
-
 class _Extend(argparse.Action):
     """Repeatable list option: the first use replaces the default (from the environment), later ones add."""
 
@@ -89,31 +68,14 @@ class _Extend(argparse.Action):
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    # Each option starts from the environment over the built-in default (ipc_router.settings decides the order).
+    start = defaults(os.environ)
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        env = _env(f.name)
-        default: Any = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "otlp_endpoint" and env is None:
-            env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        kind: Any = str
-        action: Any = "store"
-        if f.name == "socket_mode":
-            kind = lambda s: int(s, 8)  # noqa: E731
-        elif f.name in ("allow_uid", "allow_gid"):
-            uid = f.name == "allow_uid"
-            kind = _ids((lambda n: pwd.getpwnam(n).pw_uid) if uid else (lambda n: grp.getgrnam(n).gr_gid))
-            action = _Extend
-        elif isinstance(default, bool):
-            kind = bool
-        elif isinstance(default, int):
-            kind = int
-        elif isinstance(default, float):
-            kind = float
-        if env is not None:
-            default = kind(env)
+        default: Any = start.get(f.name)
+        kind = value_type(f.name)
+        action: Any = _Extend if f.name in ("allow_uid", "allow_gid") else "store"
         if isinstance(f.default, bool):
-            if env is not None:
-                default = env.lower() in ("1", "true", "yes", "on")
             help_ = _HELP.get(f.name, "") + f" (default: {'on' if default else 'off'})"
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
@@ -127,10 +89,18 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def serve_settings(args: argparse.Namespace) -> tuple[Settings, Config]:
+    """``serve``'s settings (flags over the environment over the config's ``server:`` section over the
+    defaults) and the config file, read once."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    config = read_config(values["config"])
+    return resolve(values, config.server), config
+
+
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     try:
-        run(settings)
+        settings, config = serve_settings(args)
+        run(settings, config)
     except (ConfigError, PluginError, ValueError, OSError) as e:
         print(f"ipc-router: {e}", file=sys.stderr)
         return 1
