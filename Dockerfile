@@ -1,6 +1,6 @@
 # One image for the ipc_router containers of docker-compose.yaml: the sidecar (`ipc-router serve`), the init job
 # that writes the Envoy bootstrap (`ipc-router envoy-config`) and the mock providers
-# (`python -m ipc_router.mock_backend`). Envoy itself runs from the envoyproxy/envoy image.
+# (`python -m ipc_router.tools.mock_backend`). Envoy itself runs from the envoyproxy/envoy image.
 #
 #   docker build -t ipc-router:local .
 FROM python:3.11-slim

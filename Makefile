@@ -40,12 +40,12 @@ FUZZ_ATHERIS_RUNS  ?= 100000
 # Ten minutes of steady traffic with reloads through a real Envoy and sidecar; prints the figures, exit 1 on a problem.
 SOAK_SECONDS ?= 600
 soak: $(STAMP)
-	$(BIN)/python -m tests.soak --seconds $(SOAK_SECONDS)
+	$(BIN)/python -m tests.support.soak --seconds $(SOAK_SECONDS)
 
 fuzz: $(STAMP)
-	$(BIN)/python tests/fuzz_harness.py --inputs $(FUZZ_INPUTS) --socket-inputs $(FUZZ_SOCKET_INPUTS)
+	$(BIN)/python tests/support/fuzz_harness.py --inputs $(FUZZ_INPUTS) --socket-inputs $(FUZZ_SOCKET_INPUTS)
 	@if $(BIN)/python -c 'import atheris' 2>/dev/null || $(BIN)/python -m pip install -q atheris; then \
-		$(BIN)/python tests/fuzz_harness.py --atheris -runs=$(FUZZ_ATHERIS_RUNS) -timeout=2 -max_len=8192 \
+		$(BIN)/python tests/support/fuzz_harness.py --atheris -runs=$(FUZZ_ATHERIS_RUNS) -timeout=2 -max_len=8192 \
 			-rss_limit_mb=2048 -artifact_prefix=/tmp/ipc-router-fuzz- -print_final_stats=1; \
 	else \
 		echo "atheris does not install here: seeded generator only"; \

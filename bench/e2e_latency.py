@@ -9,7 +9,7 @@ Variants, each a separate Envoy (``--concurrency 1``) in front of one mock backe
     ``--serve-instant``): it answers every ``/route`` with one pre-encoded msgpack ``set`` answer, without parsing,
     and ``/complete`` with a 204. This is the cost of Envoy's ``httpCall`` and the Lua work alone.
 ``ipc_router``
-    The real stack (:class:`ipc_router.stack.Stack`): the sidecar with its default metrics, exported to
+    The real stack (:class:`ipc_router.tools.stack.Stack`): the sidecar with its default metrics, exported to
     Prometheus as deployed, behind the same generated bootstrap.
 
 With ``--extra``, three more real stacks show where the sidecar's time goes: ``no-export`` (default metrics,
@@ -60,10 +60,10 @@ from ipc_router.filterapi import (
     Backend,
     Config,
 )
-from ipc_router.mock_backend import new_event_loop
 from ipc_router.protocol import JSON, MSGPACK, encode_body, encode_response
 from ipc_router.router import DefaultRouter
-from ipc_router.stack import Stack, StackError, envoy_binary, free_port, read_tail, stop_process
+from ipc_router.tools.mock_backend import new_event_loop
+from ipc_router.tools.stack import Stack, StackError, envoy_binary, free_port, read_tail, stop_process
 
 MODEL = "bench-model"
 RULE = "bench"
@@ -215,7 +215,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], what: str, log: Path, tim
 def start_mock(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     log = workdir / "mock.log"
-    cmd = [sys.executable, "-m", "ipc_router.mock_backend", "--listen", f"127.0.0.1:{port}", "--name", BACKEND]
+    cmd = [sys.executable, "-m", "ipc_router.tools.mock_backend", "--listen", f"127.0.0.1:{port}", "--name", BACKEND]
     cmd += ["--tokens", str(MOCK_TOKENS)]
     with log.open("ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)

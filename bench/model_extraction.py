@@ -46,7 +46,7 @@ MODULE = ROOT / "ipc_router" / "lua" / "ipc_router_json.lua"
 MODEL = "gpt-4o-mini-2024-07-18"
 sys.path.insert(0, str(ROOT))
 
-from ipc_router.stack import envoy_binary, free_port, stop_process  # noqa: E402
+from ipc_router.tools.stack import envoy_binary, free_port, stop_process  # noqa: E402
 
 
 def chat_body(size: int, seed: int = 1) -> bytes:

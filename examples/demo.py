@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from ipc_router.filterapi import load_config, parse_endpoint  # noqa: E402
-from ipc_router.mock_backend import MockBackend  # noqa: E402
-from ipc_router.stack import Stack, free_port  # noqa: E402
+from ipc_router.config import load_config, parse_endpoint  # noqa: E402
+from ipc_router.tools.mock_backend import MockBackend  # noqa: E402
+from ipc_router.tools.stack import Stack, free_port  # noqa: E402
 
 CONFIG = ROOT / "examples" / "config.yaml"
 ROUTER = "examples.custom_router:new_custom_router"
@@ -331,7 +331,7 @@ def run(args: argparse.Namespace, config: Path, ports: dict[str, int]) -> int:
         metrics_port=ports["metrics"],
         router=ROUTER,
         metrics=METRICS,
-        env={"PYTHONPATH": str(ROOT)},  # the plugins live in examples/, importable from the repository root
+        app_dir=str(ROOT),  # the plugins are examples.*, found from the repository root whatever the working directory
     )
     try:
         stack.start()

@@ -58,7 +58,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.util.types import Attributes
 
-from ipc_router.filterapi import Backend
+from ipc_router.config import Backend
 from ipc_router.metrics import (
     ERROR_TYPE,
     METER_NAME,

@@ -1,8 +1,8 @@
 """``ipc-router``: serve, check-config, route, envoy-config, mock-backend, health.
 
-Every ``serve`` option maps to one field of :class:`~ipc_router.server.Settings` and can also be set by the
+Every ``serve`` option maps to one field of :class:`~ipc_router.settings.Settings` and can also be set by the
 environment variable ``IPC_ROUTER_<OPTION>`` (``--metrics-addr`` → ``IPC_ROUTER_METRICS_ADDR``); a flag wins
-over the variable, which wins over the config file's ``server:`` section.
+over the variable, which wins over the config file's ``server:`` section (:mod:`ipc_router.settings`).
 """
 
 from __future__ import annotations
@@ -10,20 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import grp
 import inspect
 import logging
 import os
-import pwd
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ipc_router import x
-from ipc_router.filterapi import ConfigError, load_config
+from ipc_router import extensions
+from ipc_router.config import Config, ConfigError, load_config
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.router import Decision, Routing
-from ipc_router.server import Settings, load_routing, run
+from ipc_router.server import load_routing, read_config, run
+from ipc_router.settings import Settings, defaults, resolve, value_type
 
 __all__ = ["main"]
 
@@ -58,26 +57,6 @@ _HELP = {
 _APP_DIR_HELP = _HELP["app_dir"] + " (default: the working directory)"
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get("IPC_ROUTER_" + name.upper())
-
-
-def _ids(lookup: Any) -> Any:
-    def parse(text: str) -> tuple[int, ...]:
-        out = []
-        for item in text.split(","):
-            item = item.strip()
-            if not item:
-                continue
-            try:
-                out.append(int(item) if item.isdigit() else lookup(item))
-            except KeyError:
-                raise argparse.ArgumentTypeError(f"no such user or group {item!r}") from None
-        return tuple(out)
-
-    return parse
-
-
 class _Extend(argparse.Action):
     """Repeatable list option: the first use replaces the default (from the environment), later ones add."""
 
@@ -89,31 +68,14 @@ class _Extend(argparse.Action):
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    # Each option starts from the environment over the built-in default (ipc_router.settings decides the order).
+    start = defaults(os.environ)
     for f in dataclasses.fields(Settings):
         flag = "--" + f.name.replace("_", "-")
-        env = _env(f.name)
-        default: Any = f.default if f.default is not dataclasses.MISSING else None
-        if f.name == "otlp_endpoint" and env is None:
-            env = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        kind: Any = str
-        action: Any = "store"
-        if f.name == "socket_mode":
-            kind = lambda s: int(s, 8)  # noqa: E731
-        elif f.name in ("allow_uid", "allow_gid"):
-            uid = f.name == "allow_uid"
-            kind = _ids((lambda n: pwd.getpwnam(n).pw_uid) if uid else (lambda n: grp.getgrnam(n).gr_gid))
-            action = _Extend
-        elif isinstance(default, bool):
-            kind = bool
-        elif isinstance(default, int):
-            kind = int
-        elif isinstance(default, float):
-            kind = float
-        if env is not None:
-            default = kind(env)
+        default: Any = start.get(f.name)
+        kind = value_type(f.name)
+        action: Any = _Extend if f.name in ("allow_uid", "allow_gid") else "store"
         if isinstance(f.default, bool):
-            if env is not None:
-                default = env.lower() in ("1", "true", "yes", "on")
             help_ = _HELP.get(f.name, "") + f" (default: {'on' if default else 'off'})"
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
             continue
@@ -127,10 +89,18 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
         )
 
 
+def serve_settings(args: argparse.Namespace) -> tuple[Settings, Config]:
+    """``serve``'s settings (flags over the environment over the config's ``server:`` section over the
+    defaults) and the config file, read once."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)}
+    config = read_config(values["config"])
+    return resolve(values, config.server), config
+
+
 def _serve(args: argparse.Namespace) -> int:
-    settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     try:
-        run(settings)
+        settings, config = serve_settings(args)
+        run(settings, config)
     except (ConfigError, PluginError, ValueError, OSError) as e:
         print(f"ipc-router: {e}", file=sys.stderr)
         return 1
@@ -155,7 +125,7 @@ def _check_config(args: argparse.Namespace) -> int:
                     f"{args.path}: rules[{i}].backends[{j}]: backend {b.name!r} of rule {rule.name!r} has no "
                     "endpoint: ipc-router envoy-config needs one to generate its cluster"
                 )
-    router: x.NewCustomRouterFn | None = None
+    router: extensions.NewCustomRouterFn | None = None
     for spec, group, key in ((config.server.router, ROUTERS_GROUP, "router"),
                              (config.server.metrics, METRICS_GROUP, "metrics")):  # fmt: skip
         if spec is None:
@@ -184,7 +154,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _route(args: argparse.Namespace) -> int:
     try:
-        factory = load_plugin(args.router, ROUTERS_GROUP, args.app_dir) if args.router else x.new_custom_router
+        factory = load_plugin(args.router, ROUTERS_GROUP, args.app_dir) if args.router else extensions.new_custom_router
         routing = load_routing(args.config, factory, 1)
     except (ConfigError, PluginError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -201,7 +171,7 @@ def _route(args: argparse.Namespace) -> int:
     try:
         result = routing.route(headers)
         decision = result if isinstance(result, Decision) else _run_async(result)
-    except x.NoMatchingRuleError as e:
+    except extensions.NoMatchingRuleError as e:
         print(f"no match: {e}")
         return 1
     print(f"rule: {decision.rule.name}")
@@ -218,23 +188,23 @@ def _run_async(awaitable: Any) -> Decision:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from ipc_router.envoy_config import bootstrap, render
+    from ipc_router.envoy_config import DEFAULT_LLM_PATHS, BootstrapOptions, bootstrap, render
     from ipc_router.fastpath import segment_path
 
     try:
         config = load_config(args.config)
-        doc = bootstrap(
-            config,
+        options = BootstrapOptions(
             socket_path=args.socket,
             listen=args.listen,
             admin=args.admin,
             failure_mode=args.failure_mode,
             fallback_route=args.fallback_route,
             passthrough=args.passthrough,
-            llm_paths=args.llm_path or ("/v1/chat/completions",),
+            llm_paths=args.llm_path or DEFAULT_LLM_PATHS,
             route_timeout_ms=args.route_timeout_ms,
             shm_path=segment_path(args.socket, args.shm_dir) if args.shm else None,
         )
+        doc = bootstrap(config, options)
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -243,7 +213,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
 
 def _mock_backend(args: argparse.Namespace) -> int:
-    from ipc_router import mock_backend
+    from ipc_router.tools import mock_backend
 
     return mock_backend.run_from_args(args)
 
@@ -298,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--shm-dir", default="/dev/shm", help="as the sidecar's --shm-dir (default: /dev/shm)")
     envoy.set_defaults(func=_envoy_config)
 
-    from ipc_router.mock_backend import DESCRIPTION, add_arguments
+    from ipc_router.tools.mock_backend import DESCRIPTION, add_arguments
 
     mock = sub.add_parser(
         "mock-backend", help="run a mock OpenAI-compatible LLM backend (try the gateway without an LLM)",

@@ -32,31 +32,40 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
 import yaml
 
-from ipc_router.filterapi import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
+from ipc_router.config import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
 
 __all__ = [
     "FAILURE_MODES",
     "NO_ROUTE_BODY",
     "SIDECAR_AUTHORITY",
     "SIDECAR_CLUSTER",
+    "BootstrapOptions",
     "EnvoyConfigError",
     "bootstrap",
+    "check_options",
+    "cluster_list",
     "cluster_name",
+    "http_connection_manager",
+    "listener",
+    "lua_config",
     "lua_filter_source",
     "lua_literal",
     "lua_loader",
     "render",
+    "route_list",
 ]
 
 SIDECAR_CLUSTER = "ipc_router_sidecar"
 #: ``:authority`` of the Lua filter's calls to the sidecar (the sidecar ignores it; Envoy requires one).
 SIDECAR_AUTHORITY = "ipc-router"
 FAILURE_MODES = ("fail_closed", "fail_open")
+DEFAULT_LLM_PATHS = ("/v1/chat/completions",)
 PASSTHROUGH_CLUSTER = "passthrough"
 NO_ROUTE_BODY = '{"error":{"message":"no route for this request","type":"invalid_request_error","code":"no_route"}}'
 
@@ -214,33 +223,17 @@ def cluster_name(backend_name: str) -> str:
 # ------------------------------------------------------------------------------------------------- bootstrap
 
 
-def bootstrap(
-    config: Config,
-    *,
-    socket_path: str,
-    listen: str = "127.0.0.1:10000",
-    admin: str | None = None,
-    failure_mode: str = "fail_closed",
-    fallback_route: str | None = None,
-    lua_source: str | None = None,
-    route_timeout_ms: int = 250,
-    llm_paths: Sequence[str] = ("/v1/chat/completions",),
-    stream_idle_timeout_s: float = 300.0,
-    upstream_timeout_s: float = 0.0,
-    max_request_bytes: int = 8 * 1024 * 1024,
-    tls_verify: bool = True,
-    tls_ca_file: str | None = None,
-    access_log: bool = False,
-    passthrough: str | None = None,
-    shm_path: str | None = None,
-) -> dict[str, Any]:
-    """A complete Envoy v3 bootstrap (as a dict) serving ``config`` through the sidecar at ``socket_path``.
+@dataclass(frozen=True, slots=True)
+class BootstrapOptions:
+    """Everything about a bootstrap that is not in the filter config. ``ipc-router envoy-config``'s options map
+    to these fields one to one (``--shm``/``--shm-dir`` together to :attr:`shm_path`).
 
     :param socket_path: the sidecar's Unix socket (``@name`` for the abstract namespace); under 108 bytes.
     :param listen: ``HOST:PORT`` of the listener (``[::1]:10000`` for IPv6).
     :param admin: ``HOST:PORT`` of Envoy's admin interface; none when ``None``.
     :param failure_mode: what the Lua filter does when the sidecar cannot answer: ``fail_closed`` (503) or
         ``fail_open`` (route to ``fallback_route``, by default the first rule).
+    :param fallback_route: the rule ``fail_open`` sends requests to.
     :param lua_source: the Lua module text; :func:`lua_filter_source` when ``None``.
     :param route_timeout_ms: how long the Lua filter waits for the sidecar's ``/route`` answer.
     :param llm_paths: request paths the Lua filter sends to the sidecar.
@@ -258,6 +251,48 @@ def bootstrap(
         serves cached routes itself and writes completion records into rings. ``None``: every request asks the
         sidecar over the socket.
     """
+
+    socket_path: str
+    listen: str = "127.0.0.1:10000"
+    admin: str | None = None
+    failure_mode: str = "fail_closed"
+    fallback_route: str | None = None
+    lua_source: str | None = None
+    route_timeout_ms: int = 250
+    llm_paths: Sequence[str] = DEFAULT_LLM_PATHS
+    stream_idle_timeout_s: float = 300.0
+    upstream_timeout_s: float = 0.0
+    max_request_bytes: int = 8 * 1024 * 1024
+    tls_verify: bool = True
+    tls_ca_file: str | None = None
+    access_log: bool = False
+    passthrough: str | None = None
+    shm_path: str | None = None
+
+
+def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwargs: Any) -> dict[str, Any]:
+    """A complete Envoy v3 bootstrap (as a dict) serving ``config`` through the sidecar.
+
+    Give the options as a :class:`BootstrapOptions`, or as its fields by keyword (``socket_path=...``).
+    """
+    if options is None:
+        options = BootstrapOptions(**kwargs)
+    elif kwargs:
+        raise TypeError("bootstrap() takes a BootstrapOptions or keyword options, not both")
+    opts = check_options(config, options)
+    lua_code = lua_config(config, opts)
+    clusters, backend_clusters = cluster_list(config, opts)
+    hcm = http_connection_manager(opts, route_list(config, opts, backend_clusters), lua_code)
+    out: dict[str, Any] = {"static_resources": {"listeners": [listener(opts, hcm)], "clusters": clusters}}
+    if opts.admin is not None:
+        out["admin"] = {"address": _socket_address(opts.admin, "admin")}
+    return out
+
+
+def check_options(config: Config, options: BootstrapOptions) -> BootstrapOptions:
+    """The options checked against each other and the config, with ``fallback_route`` filled in for
+    ``fail_open`` and ``llm_paths`` as a tuple. Raises :class:`EnvoyConfigError`."""
+    failure_mode, fallback_route = options.failure_mode, options.fallback_route
     if failure_mode not in FAILURE_MODES:
         raise EnvoyConfigError(f"failure_mode must be one of {', '.join(FAILURE_MODES)}, got {failure_mode!r}")
     if failure_mode == "fail_open":
@@ -270,40 +305,60 @@ def bootstrap(
             raise EnvoyConfigError(f"fallback_route {fallback_route!r} is not a rule of the config (rules: {names})")
     elif fallback_route is not None and config.rule(fallback_route) is None:
         raise EnvoyConfigError(f"fallback_route {fallback_route!r} is not a rule of the config")
-    if isinstance(route_timeout_ms, bool) or not isinstance(route_timeout_ms, int) or route_timeout_ms <= 0:
-        raise EnvoyConfigError(f"route_timeout_ms must be a positive integer, got {route_timeout_ms!r}")
-    if isinstance(llm_paths, str):
+    timeout = options.route_timeout_ms
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise EnvoyConfigError(f"route_timeout_ms must be a positive integer, got {timeout!r}")
+    if isinstance(options.llm_paths, str):
         raise EnvoyConfigError("llm_paths must be a sequence of paths, not a string")
-    paths = list(llm_paths)
+    paths = tuple(options.llm_paths)
     for p in paths:
         if not isinstance(p, str) or not p.startswith("/"):
             raise EnvoyConfigError(f"llm_paths entries must be paths starting with '/', got {p!r}")
-    if max_request_bytes <= 0:
-        raise EnvoyConfigError(f"max_request_bytes must be positive, got {max_request_bytes!r}")
-    route_header = config.selected_route_header_key
-    if route_header == SELECTED_BACKEND_HEADER_KEY:
+    if options.max_request_bytes <= 0:
+        raise EnvoyConfigError(f"max_request_bytes must be positive, got {options.max_request_bytes!r}")
+    if config.selected_route_header_key == SELECTED_BACKEND_HEADER_KEY:
         raise EnvoyConfigError(f"selectedRouteHeaderKey must differ from {SELECTED_BACKEND_HEADER_KEY}")
+    return replace(options, fallback_route=fallback_route, llm_paths=paths)
 
+
+def lua_config(config: Config, options: BootstrapOptions) -> str:
+    """The Lua filter's inline code: the filter's settings and the modules it needs (see :func:`lua_loader`)."""
     conf: dict[str, Any] = {
         "cluster": SIDECAR_CLUSTER,
         "authority": SIDECAR_AUTHORITY,
-        "timeout_ms": route_timeout_ms,
-        "failure_mode": failure_mode,
-        "fallback_route": fallback_route,
-        "route_header": route_header,
+        "timeout_ms": options.route_timeout_ms,
+        "failure_mode": options.failure_mode,
+        "fallback_route": options.fallback_route,
+        "route_header": config.selected_route_header_key,
         "backend_header": SELECTED_BACKEND_HEADER_KEY,
-        "llm_paths": paths,
+        "llm_paths": list(options.llm_paths),
     }
     modules: dict[str, str] = {}
-    if shm_path is not None:
-        conf["shm_path"] = shm_path
+    if options.shm_path is not None:
+        conf["shm_path"] = options.shm_path
         modules = {name: lua_filter_source(name) for name in FAST_PATH_MODULES}
-    lua_code = lua_loader(lua_filter_source() if lua_source is None else lua_source, conf, modules)
+    source = lua_filter_source() if options.lua_source is None else options.lua_source
+    return lua_loader(source, conf, modules)
 
-    clusters, backend_clusters = _backend_clusters(config, tls_verify=tls_verify, tls_ca_file=tls_ca_file)
+
+def cluster_list(config: Config, options: BootstrapOptions) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """All clusters (the sidecar's, one per backend, the passthrough), and the cluster name of each backend."""
+    clusters, backend_clusters = _backend_clusters(
+        config, tls_verify=options.tls_verify, tls_ca_file=options.tls_ca_file
+    )
+    if options.passthrough is not None:
+        scheme, host, port = _parse_endpoint(options.passthrough, "passthrough")
+        ca = (options.tls_ca_file or _system_ca_file()) if scheme == "https" and options.tls_verify else None
+        clusters.append(_backend_cluster(PASSTHROUGH_CLUSTER, scheme, host, port, ca))
+    return [_sidecar_cluster(options.socket_path), *clusters], backend_clusters
+
+
+def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapping[str, str]) -> list[dict[str, Any]]:
+    """The routes, in match order: ``/v1/models``, (rule, backend), rule, passthrough, ``no_route``."""
+    route_header = config.selected_route_header_key
     upstream = {
-        "timeout": _duration(upstream_timeout_s, "upstream_timeout_s"),
-        "idle_timeout": _duration(stream_idle_timeout_s, "stream_idle_timeout_s"),
+        "timeout": _duration(options.upstream_timeout_s, "upstream_timeout_s"),
+        "idle_timeout": _duration(options.stream_idle_timeout_s, "stream_idle_timeout_s"),
     }
     routes: list[dict[str, Any]] = [
         {
@@ -345,10 +400,7 @@ def bootstrap(
                 "route": {**target, **upstream},
             }
         )
-    if passthrough is not None:
-        scheme, host, port = _parse_endpoint(passthrough, "passthrough")
-        ca = (tls_ca_file or _system_ca_file()) if scheme == "https" and tls_verify else None
-        clusters.append(_backend_cluster(PASSTHROUGH_CLUSTER, scheme, host, port, ca))
+    if options.passthrough is not None:
         routes.append(
             {"name": "passthrough", "match": {"prefix": "/"}, "route": {"cluster": PASSTHROUGH_CLUSTER, **upstream}}
         )
@@ -365,15 +417,21 @@ def bootstrap(
             ],
         }
     )
+    return routes
 
+
+def http_connection_manager(
+    options: BootstrapOptions, routes: Sequence[Mapping[str, Any]], lua_code: str
+) -> dict[str, Any]:
+    """The HTTP connection manager: the routes, then the Lua filter before Envoy's router."""
     hcm: dict[str, Any] = {
         _TYPE: _HCM,
         "stat_prefix": "ingress_http",
         "codec_type": "AUTO",
-        "stream_idle_timeout": _duration(stream_idle_timeout_s, "stream_idle_timeout_s"),
+        "stream_idle_timeout": _duration(options.stream_idle_timeout_s, "stream_idle_timeout_s"),
         "route_config": {
             "name": "ipc_router",
-            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}],
+            "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": list(routes)}],
         },
         "http_filters": [
             {
@@ -383,27 +441,21 @@ def bootstrap(
             {"name": "envoy.filters.http.router", "typed_config": {_TYPE: _ROUTER}},
         ],
     }
-    if access_log:
+    if options.access_log:
         hcm["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": {_TYPE: _STDOUT_LOG}}]
+    return hcm
 
-    out: dict[str, Any] = {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "ingress",
-                    "address": _socket_address(listen, "listen"),
-                    "per_connection_buffer_limit_bytes": max_request_bytes,
-                    "filter_chains": [
-                        {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-                    ],
-                }
-            ],
-            "clusters": [_sidecar_cluster(socket_path), *clusters],
-        }
+
+def listener(options: BootstrapOptions, hcm: Mapping[str, Any]) -> dict[str, Any]:
+    """The one listener for client traffic."""
+    return {
+        "name": "ingress",
+        "address": _socket_address(options.listen, "listen"),
+        "per_connection_buffer_limit_bytes": options.max_request_bytes,
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
+        ],
     }
-    if admin is not None:
-        out["admin"] = {"address": _socket_address(admin, "admin")}
-    return out
 
 
 class _Dumper(yaml.SafeDumper):

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Backend
+from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Backend
 from ipc_router.ledger import Completion, Ledger
 from ipc_router.protocol import RecordMessage
 from ipc_router.router import Decision, Routing

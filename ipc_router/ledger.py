@@ -26,8 +26,8 @@ from typing import Protocol
 
 from opentelemetry.metrics import Meter, NoOpMeter
 
-from ipc_router import x
-from ipc_router.filterapi import Backend
+from ipc_router import extensions
+from ipc_router.config import Backend
 from ipc_router.metrics import ERROR_TYPE, Usage, extract_usage, new_default_chat_completion_metrics
 
 __all__ = ["Completion", "CompletionAggregator", "Ledger", "Stats"]
@@ -90,7 +90,7 @@ class CompletionAggregator(Protocol):
 @dataclass(slots=True)
 class _InFlight:
     #: ``None`` when the aggregator records this request: then the facts below are all it needs.
-    metrics: x.ChatCompletionMetrics | None
+    metrics: extensions.ChatCompletionMetrics | None
     attrs: Mapping[str, str]
     expires: float
     model: str = ""
@@ -99,13 +99,14 @@ class _InFlight:
 
 
 class Ledger:
-    """Starts, completes and expires requests; drives each request's :class:`~ipc_router.x.ChatCompletionMetrics`."""
+    """Starts, completes and expires requests; drives each request's
+    :class:`~ipc_router.extensions.ChatCompletionMetrics`."""
 
     def __init__(
         self,
         *,
         meter: Meter | None = None,
-        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = None,
+        metrics_factory: extensions.NewCustomChatCompletionMetricsFn | None = None,
         header_attributes: Sequence[tuple[str, str]] = (),
         request_ttl: float = 600.0,
         max_in_flight: int = 100_000,
@@ -114,9 +115,11 @@ class Ledger:
         aggregator: CompletionAggregator | None = None,
     ) -> None:
         self.meter: Meter = meter if meter is not None else NoOpMeter("ipc_router")
-        custom = metrics_factory or x.new_custom_chat_completion_metrics
+        custom = metrics_factory or extensions.new_custom_chat_completion_metrics
         self.custom_metrics = custom is not None
-        self.metrics_factory: x.NewCustomChatCompletionMetricsFn = custom or new_default_chat_completion_metrics
+        self.metrics_factory: extensions.NewCustomChatCompletionMetricsFn = (
+            custom or new_default_chat_completion_metrics
+        )
         self.header_attributes = tuple(header_attributes)
         self.request_ttl = request_ttl
         self.max_in_flight = max_in_flight
@@ -216,13 +219,13 @@ class Ledger:
 
     def _begin(
         self, headers: Mapping[str, str], model: str, backend: Backend | None, t: float
-    ) -> x.ChatCompletionMetrics | None:
+    ) -> extensions.ChatCompletionMetrics | None:
         try:
             metrics = self.metrics_factory(self.meter)
         except Exception:
             self._metrics_failed()
             return None
-        token = x.set_request_time(t)
+        token = extensions.set_request_time(t)
         try:
             metrics.start_request(headers)
             metrics.set_model(model)
@@ -232,7 +235,7 @@ class Ledger:
             self._metrics_failed()
             return None
         finally:
-            x.reset_request_time(token)
+            extensions.reset_request_time(token)
         return metrics
 
     def _usage(self, status: int, stream: bool, body: bytes, truncated: bool) -> Usage | None:
@@ -243,7 +246,7 @@ class Ledger:
 
     def _finish(
         self,
-        m: x.ChatCompletionMetrics,
+        m: extensions.ChatCompletionMetrics,
         attrs: Mapping[str, str],
         status: int,
         first: float | None,
@@ -254,12 +257,12 @@ class Ledger:
     ) -> None:
         success = 200 <= status < 300
         usage = self._usage(status, stream, body, truncated)
-        token = x.set_request_time(end)
+        token = extensions.set_request_time(end)
         try:
             if stream and first is not None:
-                x.set_request_time(first)
+                extensions.set_request_time(first)
                 m.record_token_latency(usage.output_tokens if usage is not None else 0, attrs or None)
-                x.set_request_time(end)
+                extensions.set_request_time(end)
             if usage is not None:
                 m.record_token_usage(usage.input_tokens, usage.output_tokens, usage.total_tokens, attrs or None)
             m.record_request_completion(
@@ -268,7 +271,7 @@ class Ledger:
         except Exception:
             self._metrics_failed()
         finally:
-            x.reset_request_time(token)
+            extensions.reset_request_time(token)
 
     def _metrics_failed(self) -> None:
         self.stats.plugin_errors["metrics"] += 1

@@ -1,4 +1,4 @@
-"""GenAI metrics: the default :class:`~ipc_router.x.ChatCompletionMetrics` over an OTel meter, and usage
+"""GenAI metrics: the default :class:`~ipc_router.extensions.ChatCompletionMetrics` over an OTel meter, and usage
 extraction from OpenAI responses and SSE streams. No I/O.
 
 Instrument names, units and buckets follow the OpenTelemetry GenAI semantic conventions as the AI Gateway
@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 from opentelemetry.metrics import Histogram, Meter
 
-from ipc_router import x
-from ipc_router.filterapi import Backend
+from ipc_router import extensions
+from ipc_router.config import Backend
 
 __all__ = [
     "DefaultChatCompletionMetrics",
@@ -104,13 +104,13 @@ def instruments_for(meter: Meter) -> GenAIInstruments:
 
 
 class DefaultChatCompletionMetrics:
-    """The default per-request GenAI metrics. ``clock`` returns seconds (default: :func:`x.request_time`)."""
+    """The default per-request GenAI metrics. ``clock`` returns seconds (default: :func:`extensions.request_time`)."""
 
     __slots__ = (
         "_attrs", "_clock", "_completed", "_first_token", "_inst", "_model", "_provider", "_start", "_tokens",
     )  # fmt: skip
 
-    def __init__(self, instruments: GenAIInstruments, clock: Callable[[], float] = x.request_time) -> None:
+    def __init__(self, instruments: GenAIInstruments, clock: Callable[[], float] = extensions.request_time) -> None:
         self._inst = instruments
         self._clock = clock
         self._start = 0.0
@@ -140,24 +140,24 @@ class DefaultChatCompletionMetrics:
             attrs[REQUEST_MODEL] = self._model
         return attrs
 
-    def _with(self, extra: x.Attributes | None) -> dict[str, Any]:
+    def _with(self, extra: extensions.Attributes | None) -> dict[str, Any]:
         return {**self._attrs, **extra} if extra else self._attrs
 
     def record_token_usage(
-        self, input_tokens: int, output_tokens: int, total_tokens: int, extra_attrs: x.Attributes | None = None
+        self, input_tokens: int, output_tokens: int, total_tokens: int, extra_attrs: extensions.Attributes | None = None
     ) -> None:
         attrs = self._with(extra_attrs)
         record = self._inst.token_usage.record
         record(input_tokens, {**attrs, TOKEN_TYPE: "input"})
         record(output_tokens, {**attrs, TOKEN_TYPE: "output"})
 
-    def record_token_latency(self, tokens: int, extra_attrs: x.Attributes | None = None) -> None:
+    def record_token_latency(self, tokens: int, extra_attrs: extensions.Attributes | None = None) -> None:
         if self._first_token is None:
             self._first_token = self._clock()
             self._inst.time_to_first_token.record(self._first_token - self._start, self._with(extra_attrs))
         self._tokens = tokens
 
-    def record_request_completion(self, success: bool, extra_attrs: x.Attributes | None = None) -> None:
+    def record_request_completion(self, success: bool, extra_attrs: extensions.Attributes | None = None) -> None:
         if self._completed:
             return
         self._completed = True
@@ -175,7 +175,7 @@ class DefaultChatCompletionMetrics:
 
 
 def new_default_chat_completion_metrics(meter: Meter) -> DefaultChatCompletionMetrics:
-    """The default :data:`~ipc_router.x.NewCustomChatCompletionMetricsFn`."""
+    """The default :data:`~ipc_router.extensions.NewCustomChatCompletionMetricsFn`."""
     return DefaultChatCompletionMetrics(instruments_for(meter))
 
 

@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, M
 from functools import reduce
 from typing import Any, NamedTuple
 
-from ipc_router import x
-from ipc_router.filterapi import Backend, Config, RouteRule
+from ipc_router import extensions
+from ipc_router.config import Backend, Config, RouteRule
 
 __all__ = ["Decision", "DefaultRouter", "RouteCache", "Routing", "UnknownRuleError", "WeightedPicker", "cache_key"]
 
@@ -61,7 +61,7 @@ class DefaultRouter:
                     best = i
                     break
         if best == len(self._rules):
-            raise x.NoMatchingRuleError()
+            raise extensions.NoMatchingRuleError()
         return self._rules[best]
 
 
@@ -168,7 +168,7 @@ def _smooth_wrr(backends: Sequence[Backend], weights: Sequence[int]) -> Iterator
         yield backends[best]
 
 
-def cache_key(router: x.Router, default_router: DefaultRouter) -> tuple[str, ...] | None:
+def cache_key(router: extensions.Router, default_router: DefaultRouter) -> tuple[str, ...] | None:
     """The route cache's key headers for ``router``, or ``None`` (no cache) when it declares none.
 
     A custom router's declared ``cache_key_headers`` are joined by the default router's: a router that delegates
@@ -212,7 +212,7 @@ class Routing:
     def __init__(
         self,
         config: Config,
-        new_custom_router: x.NewCustomRouterFn | None = None,
+        new_custom_router: extensions.NewCustomRouterFn | None = None,
         *,
         cache_size: int = 4096,
         generation: int = 0,
@@ -220,8 +220,10 @@ class Routing:
         self.config = config
         self.generation = generation
         self.default_router = DefaultRouter(config)
-        factory = new_custom_router if new_custom_router is not None else x.new_custom_router
-        self.router: x.Router = factory(self.default_router, config) if factory is not None else self.default_router
+        factory = new_custom_router if new_custom_router is not None else extensions.new_custom_router
+        self.router: extensions.Router = (
+            factory(self.default_router, config) if factory is not None else self.default_router
+        )
         self.custom = self.router is not self.default_router
         key_headers = cache_key(self.router, self.default_router)
         self.cache = RouteCache(key_headers, cache_size) if key_headers is not None else None
@@ -229,7 +231,7 @@ class Routing:
         self._pickers = {r.name: WeightedPicker(r.backends) for r in config.rules if r.backends}
 
     def route(self, headers: Mapping[str, str]) -> Decision | Awaitable[Decision]:
-        """Decide a request's rule and backend. Raises :class:`~ipc_router.x.NoMatchingRuleError`,
+        """Decide a request's rule and backend. Raises :class:`~ipc_router.extensions.NoMatchingRuleError`,
         :class:`UnknownRuleError`, or whatever a custom router raises. Returns an awaitable when the router is
         async (the cache is still used and filled)."""
         cache = self.cache

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -16,20 +17,16 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import cast
 
 import orjson
 
-from ipc_router import shm, x
+from ipc_router import extensions, shm
 from ipc_router.aggregate import Aggregator
+from ipc_router.config import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.fastpath import FastPath, open_fast_path, retire_segment, segment_path
-from ipc_router.filterapi import Config, ConfigError, default_config, load_config, not_in_bootstrap
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_HEADER_BYTES,
-    DEFAULT_MAX_HEADERS,
     JSON,
     Connection,
     ProtocolError,
@@ -38,46 +35,16 @@ from ipc_router.protocol import (
 )
 from ipc_router.router import Routing
 from ipc_router.service import Response, Service, parse_header_attributes
+from ipc_router.settings import Settings, resolve
 from ipc_router.telemetry import Telemetry, start_telemetry
 
-__all__ = ["Settings", "Sidecar", "load_routing", "run"]
+__all__ = ["Settings", "Sidecar", "load_routing", "read_config", "routing_for", "run"]
 
 log = logging.getLogger("ipc_router")
 
 
-@dataclass
-class Settings:
-    """Everything ``ipc-router serve`` takes; each field is one command-line option."""
-
-    socket: str
-    config: str | None = None
-    router: str | None = None
-    metrics: str | None = None
-    metrics_addr: str | None = None
-    otlp_endpoint: str | None = None
-    otlp_interval: float = 10.0
-    metrics_request_header_attributes: str | None = None
-    socket_mode: int = 0o660
-    router_timeout: float = 0.2
-    request_ttl: float = 600.0
-    max_body: int = DEFAULT_MAX_BODY_BYTES
-    max_header: int = DEFAULT_MAX_HEADER_BYTES
-    max_headers: int = DEFAULT_MAX_HEADERS
-    max_pipeline: int = 128
-    #: As many as the generated bootstrap's circuit breaker lets Envoy open to the sidecar (envoy_config).
-    max_connections: int = 10000
-    allow_uid: tuple[int, ...] = ()
-    allow_gid: tuple[int, ...] = ()
-    cache_size: int = 4096
-    reload_interval: float = 0.5
-    drain_timeout: float = 10.0
-    app_dir: str = "."
-    shm: bool = True
-    shm_dir: str = "/dev/shm"
-    shm_drain_interval: float = 0.002
-
-
-def _read_config(path: str | None) -> Config:
+def read_config(path: str | None) -> Config:
+    """The config file (a missing file, or none: the default config, with no rules). Raises ConfigError."""
     if path is None or not os.path.exists(path):
         if path is not None:
             log.warning("config file %s does not exist: using the default config (no rules)", path)
@@ -86,11 +53,21 @@ def _read_config(path: str | None) -> Config:
 
 
 def load_routing(
-    path: str | None, new_custom_router: x.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
+    path: str | None, new_custom_router: extensions.NewCustomRouterFn | None, generation: int, cache_size: int = 4096
 ) -> Routing:
     """Read the config (missing file: default config) and build its routing. Raises ConfigError, or PluginError
     when a custom router factory raises."""
-    config = _read_config(path)
+    return routing_for(read_config(path), path, new_custom_router, generation, cache_size)
+
+
+def routing_for(
+    config: Config,
+    path: str | None,
+    new_custom_router: extensions.NewCustomRouterFn | None,
+    generation: int,
+    cache_size: int = 4096,
+) -> Routing:
+    """The routing of a config read from ``path`` (see :func:`load_routing`)."""
     for warning in config.warnings:
         log.warning("config %s: %s (ignored)", path, warning)
     try:
@@ -264,23 +241,25 @@ async def _await(pending: Awaitable[Response]) -> Response:
 class Sidecar:
     """One running sidecar: socket, service, reloader, telemetry."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None, config: Config | None = None) -> None:
+        """``config``: the file ``settings.config`` names, already read and its ``server:`` section applied to
+        ``settings`` (:func:`ipc_router.settings.resolve`), as the CLI does; when ``None``, both are done here."""
+        if config is None:
+            config = read_config(settings.config)
+            settings = resolve(dataclasses.asdict(settings), config.server)
         self.settings = settings
         self.telemetry = telemetry
-        config_settings = _read_config(settings.config).server if settings.config else default_config().server
-        self.router_spec = router_spec = settings.router or config_settings.router
-        self.metrics_spec = metrics_spec = settings.metrics or config_settings.metrics
-        self.new_custom_router: x.NewCustomRouterFn | None = (
-            load_plugin(router_spec, ROUTERS_GROUP, settings.app_dir) if router_spec else x.new_custom_router
+        self.router_spec = router_spec = settings.router
+        self.metrics_spec = metrics_spec = settings.metrics
+        self.new_custom_router: extensions.NewCustomRouterFn | None = (
+            load_plugin(router_spec, ROUTERS_GROUP, settings.app_dir) if router_spec else extensions.new_custom_router
         )
-        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = (
+        metrics_factory: extensions.NewCustomChatCompletionMetricsFn | None = (
             load_plugin(metrics_spec, METRICS_GROUP, settings.app_dir) if metrics_spec else None
         )
-        header_attrs = parse_header_attributes(
-            settings.metrics_request_header_attributes or config_settings.metrics_request_header_attributes
-        )
+        header_attrs = parse_header_attributes(settings.metrics_request_header_attributes)
         self.generation = 1
-        routing = load_routing(settings.config, self.new_custom_router, self.generation, settings.cache_size)
+        routing = routing_for(config, settings.config, self.new_custom_router, self.generation, settings.cache_size)
         self.started_with = routing.config  # what the bootstrap of the running Envoy was presumably made from
         self.service = Service(
             routing,
@@ -457,7 +436,7 @@ class Sidecar:
 
 def _aggregator(telemetry: Telemetry | None) -> Aggregator | None:
     """The default metrics, aggregated in the sidecar instead of recorded into the SDK one value at a time."""
-    if telemetry is None or x.new_custom_chat_completion_metrics is not None:
+    if telemetry is None or extensions.new_custom_chat_completion_metrics is not None:
         return None
     try:
         return Aggregator(telemetry.provider, telemetry.readers)
@@ -523,11 +502,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-def run(settings: Settings) -> None:
-    """Run the sidecar until SIGTERM/SIGINT."""
+def run(settings: Settings, config: Config | None = None) -> None:
+    """Run the sidecar until SIGTERM/SIGINT. ``config``: as for :class:`Sidecar`."""
     telemetry = start_telemetry(settings.metrics_addr, settings.otlp_endpoint, settings.otlp_interval)
     try:
-        sidecar = Sidecar(settings, telemetry)
+        sidecar = Sidecar(settings, telemetry, config)
         loop = _new_loop()
         try:
             loop.run_until_complete(sidecar.serve_forever())

@@ -16,10 +16,10 @@ from typing import Any, Protocol, TypeVar
 
 import msgspec
 import orjson
-from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
+from opentelemetry.metrics import Meter, NoOpMeter
 
-from ipc_router import x
-from ipc_router.filterapi import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
+from ipc_router import extensions, stats
+from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
 from ipc_router.ledger import CompletionAggregator, Ledger, Stats
 from ipc_router.metrics import new_default_chat_completion_metrics
 from ipc_router.protocol import (
@@ -122,7 +122,7 @@ class Service:
         routing: Routing,
         *,
         meter: Meter | None = None,
-        metrics_factory: x.NewCustomChatCompletionMetricsFn | None = None,
+        metrics_factory: extensions.NewCustomChatCompletionMetricsFn | None = None,
         header_attributes: Sequence[tuple[str, str]] = (),
         router_timeout: float = 0.2,
         request_ttl: float = 600.0,
@@ -148,7 +148,7 @@ class Service:
         )  # fmt: skip
         # Route durations wait here for flush(): a histogram record costs more than the rest of a cached route.
         self._durations: list[float] = []
-        self._register_observables()
+        stats.register_instruments(self.meter, self)
 
     @property
     def in_flight(self) -> Mapping[str, object]:
@@ -257,7 +257,7 @@ class Service:
         return self._answer_respond(_error(400, message, "invalid_request_error", code), fmt)
 
     def _route_failed(self, e: Exception, model: str, fmt: str) -> Response:
-        if isinstance(e, x.NoMatchingRuleError):
+        if isinstance(e, extensions.NoMatchingRuleError):
             self.stats.requests["route", "no_match"] += 1
             resp = _error(
                 404, f"no matching rule found for model {model!r}", "invalid_request_error", "model_not_found"
@@ -372,107 +372,16 @@ class Service:
         return body
 
     def snapshot(self) -> dict[str, Any]:
-        s, routing = self.stats, self.routing
-        cache = routing.cache
-        by_endpoint: dict[str, dict[str, int]] = {}
-        for (endpoint, outcome), n in sorted(s.requests.items()):
-            by_endpoint.setdefault(endpoint, {})[outcome] = n
+        """``GET /stats``: the figures of :data:`ipc_router.stats.STATS`."""
+        return stats.snapshot(self)
+
+    def plugin_names(self) -> dict[str, str]:
+        """The router and the metrics factory in use, as ``module:name`` (``default`` for ours)."""
+        routing = self.routing
         return {
-            "requests": by_endpoint,
-            "cache": {
-                "enabled": cache is not None,
-                "hits": cache.hits if cache else 0,
-                "misses": cache.misses if cache else 0,
-                "size": len(cache) if cache else 0,
-            },
-            "config": {
-                "generation": routing.generation,
-                "rules": len(routing.config.rules),
-                "custom_router": routing.custom,
-            },
-            "plugins": {
-                "router": _plugin_name(routing.router) if routing.custom else "default",
-                "metrics": _plugin_name(self.ledger.metrics_factory),
-            },
-            "reloads": dict(s.reloads),
-            "plugin_errors": dict(s.plugin_errors),
-            "in_flight": len(self.in_flight),
-            "expired": s.expired,
-            "evicted": s.evicted,
-            "unknown_completions": s.unknown_completions,
-            "usage_missing": s.usage_missing,
-            "records": dict(s.records),
-            "fast_path": dict(self.fast_path.snapshot()) if self.fast_path is not None else None,
-            "limits": dict(s.limits),
-            "refused_peers": s.refused_peers,
+            "router": _plugin_name(routing.router) if routing.custom else "default",
+            "metrics": _plugin_name(self.ledger.metrics_factory),
         }
-
-    def _register_observables(self) -> None:
-        m = self.meter
-
-        def requests(_: CallbackOptions) -> list[Observation]:
-            return [Observation(n, {"endpoint": e, "outcome": o}) for (e, o), n in list(self.stats.requests.items())]
-
-        def cache(_: CallbackOptions) -> list[Observation]:
-            c = self.routing.cache
-            return [Observation(c.hits, {"result": "hit"}), Observation(c.misses, {"result": "miss"})] if c else []
-
-        def reloads(_: CallbackOptions) -> list[Observation]:
-            return [Observation(n, {"result": r}) for r, n in list(self.stats.reloads.items())]
-
-        def plugin_errors(_: CallbackOptions) -> list[Observation]:
-            return [Observation(n, {"plugin": p}) for p, n in list(self.stats.plugin_errors.items())]
-
-        def limits(_: CallbackOptions) -> list[Observation]:
-            return [Observation(n, {"limit": name}) for name, n in list(self.stats.limits.items())]
-
-        def single(get: Callable[[], int]) -> Callable[[CallbackOptions], list[Observation]]:
-            return lambda _: [Observation(get())]
-
-        s = self.stats
-        m.create_observable_counter(
-            "ipc_router.requests", [requests], description="Sidecar requests by endpoint and outcome."
-        )
-        m.create_observable_counter("ipc_router.route_cache", [cache], description="Route cache lookups by result.")
-        m.create_observable_counter("ipc_router.config_reloads", [reloads], description="Config loads by result.")
-        m.create_observable_counter(
-            "ipc_router.plugin_errors", [plugin_errors], description="Errors raised by plugins."
-        )
-        m.create_observable_counter(
-            "ipc_router.limit_rejections", [limits], description="Requests and connections refused by a limit."
-        )
-        m.create_observable_counter(
-            "ipc_router.peers_refused",
-            [single(lambda: s.refused_peers)],
-            description="Connections refused because the peer's uid/gid is not allowed.",
-        )
-        m.create_observable_counter(
-            "ipc_router.usage_missing",
-            [single(lambda: s.usage_missing)],
-            description="Successful responses that carried no token usage.",
-        )
-        m.create_observable_counter(
-            "ipc_router.requests_expired",
-            [single(lambda: s.expired + s.evicted)],
-            description="Routed requests whose completion never arrived.",
-        )
-        m.create_observable_gauge(
-            "ipc_router.requests_in_flight",
-            [single(lambda: len(self.in_flight))],
-            description="Routed requests waiting for their completion.",
-        )
-        m.create_observable_counter(
-            "ipc_router.completion_records",
-            [lambda _: [Observation(n, {"source": k}) for k, n in list(s.records.items())]],
-            description="Self-contained completion records (fast path) by source: ring, socket (/record), bad.",
-        )
-        m.create_observable_counter(
-            "ipc_router.ring_drops",
-            [lambda _: [Observation(int(self.fast_path.snapshot()["drops"]))] if self.fast_path is not None else []],
-            description="Completion records the filter could not put into a full ring (it sent them to /record).",
-        )
-        m.create_observable_gauge("ipc_router.config_generation", [single(lambda: self.routing.generation)],
-                                  description="How many configs have been loaded.")  # fmt: skip
 
 
 def _plugin_name(obj: object) -> str:

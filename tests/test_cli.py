@@ -43,7 +43,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 def run_subprocess(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPC_ROUTER_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS / "support"), str(REPO)])
     return subprocess.run(
         [sys.executable, "-m", "ipc_router.cli", *args], env=env, capture_output=True, text=True, timeout=60
     )

@@ -34,10 +34,11 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from ipc_router import cli, mock_backend
+from ipc_router import cli
 from ipc_router.envoy_config import bootstrap
 from ipc_router.fastpath import segment_path
 from ipc_router.filterapi import Config, load_config
+from ipc_router.tools import mock_backend
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yaml"
@@ -54,7 +55,7 @@ DEMO = ROOT / "examples" / "demo.py"
 DEMO_NAMES = ("ROUTER", "METRICS", "METRICS_PORT", "LISTEN_PORT")
 CORE_SERVICES = {"sidecar", "envoy-bootstrap", "envoy", "vllm-a", "vllm-b", "premium-pool"}
 OPTIONAL_SERVICES = {"prometheus", "grafana"}
-MOCK_COMMAND = ["python", "-m", "ipc_router.mock_backend"]
+MOCK_COMMAND = ["python", "-m", "ipc_router.tools.mock_backend"]
 GENAI_METRICS = (
     "gen_ai_client_token_usage",
     "gen_ai_server_request_duration_seconds",

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ipc_router.stack import Stack
-from tests.e2e import Backends, chat, iter_sse, model_rule, request, start_backends, wait_until, write_config
+from ipc_router.tools.stack import Stack
+from tests.support.e2e import Backends, chat, iter_sse, model_rule, request, start_backends, wait_until, write_config
 
 pytestmark = pytest.mark.envoy
 
+REPO = Path(__file__).resolve().parent.parent
 ROUTER = "examples.custom_router:new_custom_router"
 
 
@@ -37,7 +38,8 @@ def rules() -> list[dict[str, object]]:
 @pytest.fixture(scope="module")
 def stack(backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cfg = write_config(tmp_path_factory.mktemp("cfg") / "config.yaml", rules(), backends)
-    with Stack(str(cfg), router=ROUTER, passthrough=f"http://127.0.0.1:{backends['other'].port}") as s:
+    passthrough = f"http://127.0.0.1:{backends['other'].port}"
+    with Stack(str(cfg), router=ROUTER, app_dir=str(REPO), passthrough=passthrough) as s:
         yield s
 
 

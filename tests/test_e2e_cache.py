@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from ipc_router.stack import Stack
-from tests.e2e import Backends, chat, model_rule, request, start_backends, write_config
+from ipc_router.tools.stack import Stack
+from tests.support.e2e import Backends, chat, model_rule, request, start_backends, write_config
 from tests.test_readme import _examples
 
 pytestmark = pytest.mark.envoy

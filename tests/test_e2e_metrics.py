@@ -15,8 +15,18 @@ from typing import Any
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from ipc_router.stack import Stack, free_port
-from tests.e2e import Backends, chat, model_rule, request, samples, scrape, start_backends, wait_until, write_config
+from ipc_router.tools.stack import Stack, free_port
+from tests.support.e2e import (
+    Backends,
+    chat,
+    model_rule,
+    request,
+    samples,
+    scrape,
+    start_backends,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.envoy
 
@@ -24,6 +34,8 @@ MODELS = ["m-stream", "m-plain", "m-fail", "m-one", "m-reset", "m-otlp"]
 TTFT = 0.200
 GAP = 0.050
 N = 6
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +58,8 @@ def stack(backends: Backends, calls_file: Path, tmp_path_factory: pytest.TempPat
     s = Stack(
         str(cfg),
         metrics_port=free_port(),
-        metrics="tests.metrics_plugins:recording",
+        metrics="tests.support.metrics_plugins:recording",
+        app_dir=str(REPO),
         sidecar_args=["--metrics-request-header-attributes", "x-team-id:team_id", "--request-ttl", "1"],
         env={"IPC_ROUTER_TEST_CALLS": str(calls_file)},
     )
@@ -253,7 +266,8 @@ def test_otlp_export(backends: Backends, tmp_path: Path) -> None:
 
 def test_custom_metrics_that_raise_never_fail_the_request(backends: Backends, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "config.yaml", [model_rule("m-broken", "m-broken", "a")], backends)
-    with Stack(str(cfg), metrics="tests.metrics_plugins:broken", metrics_port=free_port()) as s:
+    broken = "tests.support.metrics_plugins:broken"
+    with Stack(str(cfg), metrics=broken, metrics_port=free_port(), app_dir=str(REPO)) as s:
         for _ in range(2):
             r = request(s.url, "/v1/chat/completions", chat("m-broken"))
             assert r.status == 200 and r.json()["usage"]["completion_tokens"] > 0

@@ -18,8 +18,18 @@ from typing import Any
 import pytest
 
 from ipc_router.fastpath import segment_path
-from ipc_router.stack import Stack, free_port
-from tests.e2e import Backends, chat, model_rule, request, samples, scrape, start_backends, wait_until, write_config
+from ipc_router.tools.stack import Stack, free_port
+from tests.support.e2e import (
+    Backends,
+    chat,
+    model_rule,
+    request,
+    samples,
+    scrape,
+    start_backends,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.envoy
 

@@ -1,5 +1,5 @@
-"""Fuzzing, the short seeded version of ``make fuzz`` (tests/fuzz_harness.py): property tests (hypothesis) and the
-mutation fuzzer against the wire protocol and request handling, in-process and on a real sidecar's socket.
+"""Fuzzing, the short seeded version of ``make fuzz`` (tests/support/fuzz_harness.py): property tests (hypothesis)
+and the mutation fuzzer against the wire protocol and request handling, in-process and on a real sidecar's socket.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ from typing import Any
 import msgpack
 import orjson
 import pytest
-from fuzz_harness import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipc_router.protocol import JSON, MSGPACK, Connection, ProtocolError, Request, encode_response
+from ipc_router.service import Service
+from tests.support.fuzz_harness import (
     ASYNC_ROUTER,
     FUZZ_ID,
     MAX_BODY_BYTES,
@@ -28,11 +33,6 @@ from fuzz_harness import (
     parse_responses,
     route_message,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-from ipc_router.protocol import JSON, MSGPACK, Connection, ProtocolError, Request, encode_response
-from ipc_router.service import Service
 
 FAST = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 

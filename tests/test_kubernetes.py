@@ -3,7 +3,7 @@
 No cluster is reachable here, so what a cluster would check is checked here:
 
 * every kustomization renders (``kubectl kustomize``, kubectl's built-in kustomize, where installed, and always
-  tests/kustomize_lite.py, which must produce the same objects);
+  tests/support/kustomize_lite.py, which must produce the same objects);
 * every object validates strictly (unknown fields are errors) against the bundled OpenAPI schemas of the
   ``kubernetes-validate`` package, for the oldest Kubernetes the manifests support (1.29: native sidecars) and
   the newest it ships; the ServiceMonitor against the Prometheus Operator's model (``cloudcoil`` package);
@@ -41,14 +41,14 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import pytest
 import yaml
-from kustomize_lite import render
 from test_server import Server
 
 from ipc_router import cli, health
 from ipc_router.envoy_config import cluster_name
 from ipc_router.filterapi import load_config
-from ipc_router.mock_backend import MockBackend
-from ipc_router.stack import Stack, envoy_binary, free_port, stop_process
+from ipc_router.tools.mock_backend import MockBackend
+from ipc_router.tools.stack import Stack, envoy_binary, free_port, stop_process
+from tests.support.kustomize_lite import render
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"

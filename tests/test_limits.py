@@ -253,7 +253,7 @@ def test_a_client_that_does_not_read_is_paused_not_buffered_without_end(start: C
 
 
 def test_flow_control_pauses_reading_while_the_write_buffer_is_full() -> None:
-    from fuzz_harness import FakeSidecar, FakeTransport
+    from tests.support.fuzz_harness import FakeSidecar, FakeTransport
 
     calls: list[str] = []
 

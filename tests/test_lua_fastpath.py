@@ -1,7 +1,7 @@
 """The filter's fast path at unit level: the real Lua filter with the real ``ipc_router_shm`` and
 ``ipc_router_json`` modules (LuaJIT through lupa, JIT on), a real segment file written by the real sidecar code
 (:class:`ipc_router.fastpath.FastPath` over :class:`ipc_router.shm.Segment`), and the fake Envoy handle of
-tests/lua_harness.py. End to end through a real Envoy: tests/test_e2e_shm.py.
+tests/support/lua_harness.py. End to end through a real Envoy: tests/test_e2e_shm.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Any
 
 import msgpack
 import pytest
-from lua_harness import LUPA, Lua, py
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
@@ -24,6 +23,7 @@ from ipc_router.metrics import METER_NAME
 from ipc_router.protocol import MSGPACK, Request, RouteMessage, decode_message
 from ipc_router.router import Routing
 from ipc_router.service import Response, Service
+from tests.support.lua_harness import LUPA, Lua, py
 
 pytestmark = pytest.mark.skipif(
     not LUPA.__name__.startswith("lupa.luajit") or not shm.supported(), reason="needs LuaJIT on x86-64 Linux"

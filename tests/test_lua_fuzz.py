@@ -8,7 +8,8 @@ import random
 
 import msgpack
 import pytest
-from lua_harness import LUPA, Lua
+
+from tests.support.lua_harness import LUPA, Lua
 
 pytestmark = pytest.mark.skipif(not LUPA.__name__.startswith("lupa.luajit"), reason="needs LuaJIT")
 

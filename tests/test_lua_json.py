@@ -27,10 +27,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lua_harness import LUPA, ROOT
 
 from ipc_router.service import _CHAT_DECODER
-from ipc_router.stack import envoy_binary, free_port, read_tail, stop_process
+from ipc_router.tools.stack import envoy_binary, free_port, read_tail, stop_process
+from tests.support.lua_harness import LUPA, ROOT
 
 MODULE = ROOT / "ipc_router" / "lua" / "ipc_router_json.lua"
 

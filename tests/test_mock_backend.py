@@ -20,7 +20,7 @@ import orjson
 import pytest
 import yaml
 
-from ipc_router.mock_backend import MockApp, MockBackend, MockConfig, serve
+from ipc_router.tools.mock_backend import MockApp, MockBackend, MockConfig, serve
 
 REPO = Path(__file__).resolve().parents[1]
 # The recorded OpenAI responses beside the repository (../shared on the build machine). Tests pass the folder
@@ -492,7 +492,7 @@ def test_async_serve() -> None:
 
 
 CLI_FORMS = {
-    "module": [sys.executable, "-m", "ipc_router.mock_backend"],
+    "module": [sys.executable, "-m", "ipc_router.tools.mock_backend"],
     "ipc-router mock-backend": [sys.executable, "-m", "ipc_router.cli", "mock-backend"],
 }
 

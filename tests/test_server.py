@@ -169,7 +169,7 @@ class Client:
 
 def subprocess_env(extra_path: Path | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPC_ROUTER_") and not k.startswith("OTEL_")}
-    paths = [str(TESTS), str(REPO)] + ([str(extra_path)] if extra_path else [])
+    paths = [str(TESTS / "support"), str(REPO)] + ([str(extra_path)] if extra_path else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 

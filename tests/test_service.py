@@ -17,7 +17,7 @@ import pytest
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from plugins_for_tests import (
+from plugins_for_tests import (  # top level, as the plugin specs name it (the stats show its module)
     PREMIUM_RULE,
     RaisingMetrics,
     async_unknown_rule_router,

@@ -2,7 +2,7 @@
 
 The Lua side runs in lupa's LuaJIT with the JIT on, and the loops that matter are checked to have been
 compiled (a finished trace started in them): the memory-ordering argument is about compiled code.
-The other side is always another process (tests/shm_proc.py), so the two sides share only the file.
+The other side is always another process (tests/support/shm_proc.py), so the two sides share only the file.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from shm_lua import ShmLua
-from shm_proc import N_KEYS, blob_of, key_of, rule_of
 
 from ipc_router import shm
+from tests.support.shm_lua import ShmLua
+from tests.support.shm_proc import N_KEYS, blob_of, key_of, rule_of
 
 HERE = Path(__file__).resolve().parent
-PROC = str(HERE / "shm_proc.py")
+PROC = str(HERE / "support" / "shm_proc.py")
 
 pytestmark = pytest.mark.skipif(not shm.supported(), reason="shm fast path is x86-64 Linux only")
 
@@ -45,7 +45,7 @@ def path(tmp_path: Path) -> Iterator[str]:
 
 
 class Proc:
-    """A helper process (tests/shm_proc.py ROLE ...), killed at teardown."""
+    """A helper process (tests/support/shm_proc.py ROLE ...), killed at teardown."""
 
     def __init__(self, *args: str) -> None:
         self.p = subprocess.Popen(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.soak import run
+from tests.support.soak import run
 
 pytestmark = pytest.mark.envoy
 

@@ -1,6 +1,6 @@
 """Measure what the pod's two containers use, to size their resource requests (docs/deploy.md, "Sizing").
 
-Starts the real stack of the pod on this machine (:class:`ipc_router.stack.Stack`: the sidecar with its default
+Starts the real stack of the pod on this machine (:class:`ipc_router.tools.stack.Stack`: the sidecar with its default
 metrics and the Prometheus exporter, a real Envoy from the generated bootstrap with ``--concurrency`` workers) in
 front of one mock backend answering at once, then reads each process's resident memory (VmRSS, VmHWM) and CPU time
 (utime + stime, all threads) from /proc:
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ipc_router.stack import Stack, free_port, stop_process
+from ipc_router.tools.stack import Stack, free_port, stop_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -97,7 +97,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="iprm", dir="/tmp"))
     backend_port = free_port()
     backend = subprocess.Popen(
-        [sys.executable, "-m", "ipc_router.mock_backend", "--listen", f"127.0.0.1:{backend_port}", "--name", "b",
+        [sys.executable, "-m", "ipc_router.tools.mock_backend", "--listen", f"127.0.0.1:{backend_port}", "--name", "b",
          "--tokens", "8", "--log-level", "warning"],
     )  # fmt: skip
     config = work / "config.yaml"

@@ -22,9 +22,14 @@
 --   * yielding inside pcall() works (LuaJIT), so every step runs under pcall.
 --   * envoy_on_response also runs for respond() and direct responses; they carry no id here.
 --
--- Monotonic time: clock_gettime(CLOCK_MONOTONIC) through the LuaJIT FFI, as a uint64 cdata in
--- nanoseconds, encoded exactly (msgpack uint64). Decoded 64-bit integers become Lua numbers
--- (exact up to 2^53). Without the FFI the times are left out and the sidecar uses its own clock.
+-- Monotonic time: clock_gettime(CLOCK_MONOTONIC) through the LuaJIT FFI, in nanoseconds, written
+-- exactly (msgpack uint64). Decoded 64-bit integers become Lua numbers (exact up to 2^53). Without
+-- the FFI the times are left out and the sidecar uses its own clock.
+--
+-- This file, top to bottom: messages (the msgpack decoder for what the sidecar sends; the pieces
+-- the filter writes its own messages with: it has no general encoder), configuration (new()), the
+-- shared-memory fast path (docs/shm.md), the request phase (decide(), on_request), the response
+-- phase (on_response), and which functions the JIT leaves alone.
 
 local type = type
 local pairs = pairs
@@ -33,7 +38,6 @@ local error = error
 local tostring = tostring
 local tonumber = tonumber
 local setmetatable = setmetatable
-local getmetatable = getmetatable
 local require = require
 local str_byte = string.byte
 local str_char = string.char
@@ -45,7 +49,6 @@ local str_gsub = string.gsub
 local tbl_concat = table.concat
 local math_floor = math.floor
 local math_huge = math.huge
-local math_frexp = math.frexp
 local math_ldexp = math.ldexp
 
 local tbl_clear
@@ -67,10 +70,9 @@ local MAX_DEPTH = 64
 local TWO32 = 4294967296
 local TWO52 = 4503599627370496
 local TWO53 = 9007199254740992
-local TWO63 = 9223372036854775808
 local TWO64 = 18446744073709551616
 
--- FFI (LuaJIT): the monotonic clock and 64-bit integers. Everything works without it.
+-- FFI (LuaJIT): the monotonic clock. Everything works without it.
 local ffi
 do
     local ok, mod = pcall(require, "ffi")
@@ -81,10 +83,9 @@ end
 
 local now_ns = function() return nil end
 local clock_parts -- () -> seconds, nanoseconds as Lua numbers; nil without the FFI clock
-local uint64_t, int64_t
+local uint64_t
 if ffi then
     uint64_t = ffi.typeof("uint64_t")
-    int64_t = ffi.typeof("int64_t")
     -- cdef can run only once per Lua state (and another script may have declared these already).
     pcall(ffi.cdef, "struct timespec { long tv_sec; long tv_nsec; };")
     pcall(ffi.cdef, "int clock_gettime(int clk_id, struct timespec *tp);")
@@ -106,302 +107,9 @@ end
 _M.now_ns = now_ns
 
 ---------------------------------------------------------------------------------------------------
--- msgpack
+-- messages: the msgpack the filter reads (the sidecar's answers, the fast path's config) and
+-- the pieces it writes its own messages with
 ---------------------------------------------------------------------------------------------------
-
-local bin_mt = { __metatable = "ipc_router.bin" }
-local array_mt = { __metatable = "ipc_router.array" }
-
--- Marks a string to be encoded as msgpack bin (bodies); plain strings encode as str.
-function _M.bin(s)
-    return setmetatable({ s }, bin_mt)
-end
-
--- Marks a table to be encoded as an array even when empty (elements 1..t.n or 1..#t).
-function _M.array(t)
-    return setmetatable(t or {}, array_mt)
-end
-
-local function be16(v)
-    return math_floor(v / 256), v % 256
-end
-
-local function be32(v)
-    local b0 = v % 256
-    v = (v - b0) / 256
-    local b1 = v % 256
-    v = (v - b1) / 256
-    local b2 = v % 256
-    return (v - b2) / 256, b2, b1, b0
-end
-
-local function enc_u64_parts(tag, hi, lo)
-    local a, b, c, d = be32(hi)
-    local e, f, g, h = be32(lo)
-    return str_char(tag, a, b, c, d, e, f, g, h)
-end
-
-local function enc_float64(v)
-    local sign = 0
-    if v < 0 or (v == 0 and 1 / v < 0) then
-        sign = 128
-        v = -v
-    end
-    if v ~= v then
-        return str_char(0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0)
-    elseif v == math_huge then
-        return str_char(0xcb, sign + 0x7f, 0xf0, 0, 0, 0, 0, 0, 0)
-    elseif v == 0 then
-        return str_char(0xcb, sign, 0, 0, 0, 0, 0, 0, 0)
-    end
-    local m, e = math_frexp(v) -- v = m * 2^e, 0.5 <= m < 1
-    local exp = e + 1022
-    local frac
-    if exp <= 0 then -- subnormal
-        exp = 0
-        frac = math_ldexp(v, 1074)
-    else
-        frac = (m * 2 - 1) * TWO52
-    end
-    local hi = math_floor(frac / TWO32)
-    local lo = frac - hi * TWO32
-    local _, h1, h2, h3 = be32(hi) -- hi < 2^20
-    local a, b, c, d = be32(lo)
-    return str_char(0xcb, sign + math_floor(exp / 16), (exp % 16) * 16 + h1, h2, h3, a, b, c, d)
-end
-
-local function enc_number(v)
-    if v == math_floor(v) and v >= -TWO63 and v < TWO64 and not (v == 0 and 1 / v < 0) then
-        if v >= 0 then
-            if v < 128 then
-                return str_char(v)
-            elseif v < 256 then
-                return str_char(0xcc, v)
-            elseif v < 65536 then
-                return str_char(0xcd, be16(v))
-            elseif v < TWO32 then
-                return str_char(0xce, be32(v))
-            end
-            local hi = math_floor(v / TWO32)
-            return enc_u64_parts(0xcf, hi, v - hi * TWO32)
-        end
-        if v >= -32 then
-            return str_char(v + 256)
-        elseif v >= -128 then
-            return str_char(0xd0, v + 256)
-        elseif v >= -32768 then
-            return str_char(0xd1, be16(v + 65536))
-        elseif v >= -2147483648 then
-            return str_char(0xd2, be32(v + TWO32))
-        end
-        local hi = math_floor(v / TWO32) -- in [-2^31, -1]
-        return enc_u64_parts(0xd3, hi + TWO32, v - hi * TWO32)
-    end
-    return enc_float64(v)
-end
-
-local function enc_cdata(v)
-    if not ffi then
-        return nil, "cannot encode cdata"
-    end
-    if ffi.istype(uint64_t, v) then
-        if v < TWO53 then
-            return enc_number(tonumber(v))
-        end
-        return enc_u64_parts(0xcf, tonumber(v / TWO32), tonumber(v % TWO32))
-    elseif ffi.istype(int64_t, v) then
-        if v < TWO53 and v > -TWO53 then
-            return enc_number(tonumber(v))
-        end
-        if v > 0 then
-            return enc_cdata(ffi.cast(uint64_t, v))
-        end
-        local u = ffi.cast(uint64_t, v) -- two's complement
-        return enc_u64_parts(0xd3, tonumber(u / TWO32), tonumber(u % TWO32))
-    end
-    return nil, "cannot encode cdata"
-end
-
--- The current monotonic time as msgpack: the bytes enc_cdata(now_ns()) makes, nil without the
--- FFI clock. The filter runs interpreted (see the end of this file), where uint64 cdata arithmetic
--- is slow; with Lua numbers, ns = sec * 1e9 + nsec is split exactly into hi * 2^32 + lo (every
--- intermediate stays below 2^53 for any ns < 2^64).
-local function now_msgpack()
-    if not clock_parts then
-        return nil
-    end
-    local sec, nsec = clock_parts()
-    local sec_hi = math_floor(sec / 65536)
-    local x = sec_hi * 1e9 -- ns = x * 2^16 + y
-    local y = (sec - sec_hi * 65536) * 1e9 + nsec
-    local hi = math_floor(x / 65536)
-    local lo = (x - hi * 65536) * 65536 + y
-    local carry = math_floor(lo / TWO32)
-    hi, lo = hi + carry, lo - carry * TWO32
-    if hi == 0 then
-        return enc_number(lo)
-    end
-    return enc_u64_parts(0xcf, hi, lo)
-end
-
-local function enc_len(len, fix_base, fix_max, tag16, tag32)
-    if len <= fix_max then
-        return str_char(fix_base + len)
-    elseif len < 65536 then
-        return str_char(tag16, be16(len))
-    elseif len < TWO32 then
-        return str_char(tag32, be32(len))
-    end
-    return nil, "too long"
-end
-
--- The heads of str and bin values shorter than 256 bytes and of maps of up to 15 entries, made
--- once: a table index is cheaper than a string.char() call (and makes no string), and the filter
--- runs interpreted.
-local STR_HEAD, BIN_HEAD, MAP_HEAD = {}, {}, {}
-for len = 0, 255 do
-    STR_HEAD[len] = len < 32 and str_char(0xa0 + len) or str_char(0xd9, len)
-    BIN_HEAD[len] = str_char(0xc4, len)
-end
-for len = 0, 15 do
-    MAP_HEAD[len] = str_char(0x80 + len)
-end
-
--- The head of a str / bin value of `len` bytes; nil, err when too long.
-local function str_head(len)
-    local head = STR_HEAD[len] or enc_len(len, 0, -1, 0xda, 0xdb)
-    if not head then
-        return nil, "string too long"
-    end
-    return head
-end
-
-local function bin_head(len)
-    local head = BIN_HEAD[len] or enc_len(len, 0, -1, 0xc5, 0xc6)
-    if not head then
-        return nil, "string too long"
-    end
-    return head
-end
-
-local function enc_bytes(buf, n, s, is_bin)
-    local len = #s
-    local head
-    if is_bin then
-        head = bin_head(len)
-    else
-        head = str_head(len)
-    end
-    if not head then
-        return nil, "string too long"
-    end
-    buf[n + 1] = head
-    if len == 0 then
-        return n + 1
-    end
-    buf[n + 2] = s
-    return n + 2
-end
-
-local encode_value
-
-local function enc_table(buf, n, t, depth)
-    local mt = getmetatable(t)
-    if mt == "ipc_router.bin" then
-        local s = t[1]
-        if type(s) ~= "string" then
-            return nil, "bin value is not a string"
-        end
-        return enc_bytes(buf, n, s, true)
-    end
-    if depth > MAX_DEPTH then
-        return nil, "nesting too deep"
-    end
-    local count = #t
-    local as_array = mt == "ipc_router.array"
-    if as_array then
-        count = tonumber(t.n) or count
-    elseif count > 0 then
-        -- An array when the keys are exactly 1..#t.
-        local keys = 0
-        for _ in pairs(t) do
-            keys = keys + 1
-        end
-        as_array = keys == count
-    end
-    local err
-    if as_array then
-        buf[n + 1], err = enc_len(count, 0x90, 15, 0xdc, 0xdd)
-        if err then
-            return nil, "array too long"
-        end
-        n = n + 1
-        for i = 1, count do
-            n, err = encode_value(buf, n, t[i], depth + 1)
-            if not n then
-                return nil, err
-            end
-        end
-        return n
-    end
-    local keys = 0
-    for _ in pairs(t) do
-        keys = keys + 1
-    end
-    buf[n + 1], err = enc_len(keys, 0x80, 15, 0xde, 0xdf)
-    if err then
-        return nil, "map too long"
-    end
-    n = n + 1
-    for k, v in pairs(t) do
-        n, err = encode_value(buf, n, k, depth + 1)
-        if not n then
-            return nil, err
-        end
-        n, err = encode_value(buf, n, v, depth + 1)
-        if not n then
-            return nil, err
-        end
-    end
-    return n
-end
-
-encode_value = function(buf, n, v, depth)
-    local tv = type(v)
-    local s, err
-    if tv == "string" then
-        return enc_bytes(buf, n, v, false)
-    elseif tv == "number" then
-        s = enc_number(v)
-    elseif tv == "table" then
-        return enc_table(buf, n, v, depth)
-    elseif v == nil then
-        s = "\192"
-    elseif v == true then
-        s = "\195"
-    elseif v == false then
-        s = "\194"
-    elseif tv == "cdata" then
-        s, err = enc_cdata(v)
-        if not s then
-            return nil, err
-        end
-    else
-        return nil, "cannot encode a " .. tv
-    end
-    buf[n + 1] = s
-    return n + 1
-end
-
--- value -> msgpack string | nil, err
-function _M.msgpack_encode(value)
-    local buf = {}
-    local n, err = encode_value(buf, 0, value, 1)
-    if not n then
-        return nil, err
-    end
-    return tbl_concat(buf, "", 1, n)
-end
 
 local decode_value
 
@@ -628,96 +336,142 @@ end
 
 local msgpack_decode = _M.msgpack_decode
 
----------------------------------------------------------------------------------------------------
--- decisions (pure)
----------------------------------------------------------------------------------------------------
-
-local function json_escape(s)
-    return (str_gsub(s, '[%c"\\]', function(c)
-        return str_format("\\u%04x", str_byte(c))
-    end))
+local function be16(v)
+    return math_floor(v / 256), v % 256
 end
 
-local function is_str_map(t)
-    if type(t) ~= "table" then
-        return false
-    end
-    for k, v in pairs(t) do
-        if type(k) ~= "string" or type(v) ~= "string" then
-            return false
-        end
-    end
-    return true
+local function be32(v)
+    local b0 = v % 256
+    v = (v - b0) / 256
+    local b1 = v % 256
+    v = (v - b1) / 256
+    local b2 = v % 256
+    return (v - b2) / 256, b2, b1, b0
 end
 
--- The action for a sidecar failure: a 503 JSON answer (fail_closed) or the fallback route.
-function _M.failure_action(conf, reason)
-    if conf.failure_mode == "fail_open" then
-        return { action = "fallback", route = conf.fallback_route, reason = reason }
-    end
-    return {
-        action = "respond",
-        status = 503,
-        headers = { [":status"] = "503", ["content-type"] = "application/json" },
-        body = '{"error":{"message":"routing sidecar unavailable: ' .. json_escape(reason)
-            .. '","type":"server_error","code":"sidecar_unavailable"}}',
-        reason = reason,
-    }
+local function enc_u64_parts(tag, hi, lo)
+    local a, b, c, d = be32(hi)
+    local e, f, g, h = be32(lo)
+    return str_char(tag, a, b, c, d, e, f, g, h)
 end
-local failure_action = _M.failure_action
 
--- The /route answer (status as a string or number, raw body or nil) -> an action table:
---   { action = "set", headers = {..}, id = str|nil }
---   { action = "respond", status = n, headers = {..}, body = str }
---   { action = "fallback", route = str, reason = str }     (fail_open)
--- Failures carry `reason`, one of a fixed set of words (plus a status number).
-function _M.decide(status, body, conf)
-    status = tonumber(status)
-    if status ~= 200 then
-        local reason
-        if status == 504 then
-            reason = "timeout"
-        elseif status == 503 then
-            reason = "unreachable"
-        elseif status then
-            reason = "status " .. status
+-- A non-negative integer (a status from Envoy, a generation from the sidecar: nothing else is
+-- written) in its smallest msgpack form; anything else is written as 0.
+local function enc_uint(v)
+    if type(v) ~= "number" or v < 0 or v ~= math_floor(v) or v >= TWO64 then
+        return "\0"
+    elseif v < 128 then
+        return str_char(v)
+    elseif v < 256 then
+        return str_char(0xcc, v)
+    elseif v < 65536 then
+        return str_char(0xcd, be16(v))
+    elseif v < TWO32 then
+        return str_char(0xce, be32(v))
+    end
+    local hi = math_floor(v / TWO32)
+    return enc_u64_parts(0xcf, hi, v - hi * TWO32)
+end
+
+-- The current monotonic time as msgpack (a uint64 of nanoseconds, smallest form), nil without the
+-- FFI clock. The filter runs interpreted (see the end of this file), where uint64 cdata arithmetic
+-- is slow; with Lua numbers, ns = sec * 1e9 + nsec is split exactly into hi * 2^32 + lo (every
+-- intermediate stays below 2^53 for any ns < 2^64).
+local function now_msgpack()
+    if not clock_parts then
+        return nil
+    end
+    local sec, nsec = clock_parts()
+    local sec_hi = math_floor(sec / 65536)
+    local x = sec_hi * 1e9 -- ns = x * 2^16 + y
+    local y = (sec - sec_hi * 65536) * 1e9 + nsec
+    local hi = math_floor(x / 65536)
+    local lo = (x - hi * 65536) * 65536 + y
+    local carry = math_floor(lo / TWO32)
+    hi, lo = hi + carry, lo - carry * TWO32
+    if hi == 0 then
+        return enc_uint(lo)
+    end
+    return enc_u64_parts(0xcf, hi, lo)
+end
+
+local function enc_len(len, fix_base, fix_max, tag16, tag32)
+    if len <= fix_max then
+        return str_char(fix_base + len)
+    elseif len < 65536 then
+        return str_char(tag16, be16(len))
+    elseif len < TWO32 then
+        return str_char(tag32, be32(len))
+    end
+    return nil, "too long"
+end
+
+-- The heads of str and bin values shorter than 256 bytes and of maps of up to 15 entries, made
+-- once: a table index is cheaper than a string.char() call (and makes no string), and the filter
+-- runs interpreted.
+local STR_HEAD, BIN_HEAD, MAP_HEAD = {}, {}, {}
+for len = 0, 255 do
+    STR_HEAD[len] = len < 32 and str_char(0xa0 + len) or str_char(0xd9, len)
+    BIN_HEAD[len] = str_char(0xc4, len)
+end
+for len = 0, 15 do
+    MAP_HEAD[len] = str_char(0x80 + len)
+end
+
+-- The head of a str / bin value of `len` bytes; nil, err when too long.
+local function str_head(len)
+    local head = STR_HEAD[len] or enc_len(len, 0, -1, 0xda, 0xdb)
+    if not head then
+        return nil, "string too long"
+    end
+    return head
+end
+
+local function bin_head(len)
+    local head = BIN_HEAD[len] or enc_len(len, 0, -1, 0xc5, 0xc6)
+    if not head then
+        return nil, "string too long"
+    end
+    return head
+end
+
+-- The /route, /complete and record bodies are written straight into msgpack, in the smallest forms
+-- and keys in a fixed order (the tests decode them in Python), from these pieces.
+local K_ID = "\162id"
+local K_T = "\161t"
+local K_PATH = "\164path"
+local K_HEADERS = "\167headers"
+local K_BODY = "\164body"
+local K_STATUS = "\166status"
+local K_T_FIRST = "\167t_first"
+local K_T_END = "\165t_end"
+local K_STREAM = "\166stream"
+local K_TRUNCATED = "\169truncated"
+local TRUE, FALSE = "\195", "\194"
+
+-- Scratch space for building a message, shared by all requests of this Lua state: the filter runs
+-- one coroutine per request and per response, and they interleave only at yields, so code that
+-- fills `buf` and concatenates it without yielding in between has it to itself. Slots past the
+-- current message may keep strings of an earlier one alive until overwritten.
+local buf = {}
+local seen = {} -- request header name -> index in `buf` of its value's head
+
+-- Request headers as a map; repeated headers joined with "," (cookies with "; ").
+-- Takes an iterator triple: header_map(pairs(handle:headers())). (The filter itself encodes the
+-- headers while iterating them, the same way: see route_body_head().)
+local function header_map(iter, state, ctl)
+    local map = {}
+    for k, v in iter, state, ctl do
+        local prev = map[k]
+        if prev then
+            map[k] = prev .. (k == "cookie" and "; " or ",") .. v
         else
-            reason = "no answer"
+            map[k] = v
         end
-        return failure_action(conf, reason)
     end
-    local answer = msgpack_decode(body or "")
-    if type(answer) ~= "table" then
-        return failure_action(conf, "bad answer")
-    end
-    local set, respond = answer.set, answer.respond
-    if set ~= nil and respond == nil then
-        if not is_str_map(set) then
-            return failure_action(conf, "bad answer")
-        end
-        local id = answer.id
-        return { action = "set", headers = set, id = type(id) == "string" and id or nil }
-    elseif respond ~= nil and set == nil and type(respond) == "table" then
-        local rstatus, rheaders, rbody = respond.status, respond.headers, respond.body
-        if type(rstatus) ~= "number" or rstatus ~= math_floor(rstatus) or rstatus < 200
-            or rstatus > 599 or (rheaders ~= nil and not is_str_map(rheaders))
-            or (rbody ~= nil and type(rbody) ~= "string") then
-            return failure_action(conf, "bad answer")
-        end
-        local out = {}
-        if rheaders then
-            for k, v in pairs(rheaders) do
-                if str_byte(k, 1) ~= 58 then -- drop pseudo-headers; ":status" is ours
-                    out[k] = v
-                end
-            end
-        end
-        out[":status"] = tostring(rstatus)
-        return { action = "respond", status = rstatus, headers = out, body = rbody or "" }
-    end
-    return failure_action(conf, "bad answer")
+    return map
 end
-local decide = _M.decide
+_M.header_map = header_map
 
 local new_fast_path -- (conf.shm_path) -> fast path state; defined with the fast path below
 
@@ -838,74 +592,6 @@ function _M.new(conf)
     end
     return setmetatable(self, mt)
 end
-
----------------------------------------------------------------------------------------------------
--- request phase
----------------------------------------------------------------------------------------------------
-
--- Request headers as a map; repeated headers joined with "," (cookies with "; ").
--- Takes an iterator triple: header_map(pairs(handle:headers())). (The filter itself encodes the
--- headers while iterating them, the same way: see route_body_head().)
-local function header_map(iter, state, ctl)
-    local map = {}
-    for k, v in iter, state, ctl do
-        local prev = map[k]
-        if prev then
-            map[k] = prev .. (k == "cookie" and "; " or ",") .. v
-        else
-            map[k] = v
-        end
-    end
-    return map
-end
-_M.header_map = header_map
-
--- Applies an action from decide()/failure_action(). May not return (respond() yields for good).
-local function apply(self, handle, action)
-    local kind = action.action
-    if action.reason then
-        handle:logWarn("ipc_router: routing sidecar unavailable: " .. action.reason
-            .. (kind == "fallback" and " (fail_open)" or " (fail_closed)"))
-    end
-    if kind == "set" then
-        local headers = handle:headers()
-        for k, v in pairs(action.headers) do
-            headers:replace(k, v)
-        end
-        handle:clearRouteCache()
-        if action.token then -- the fast path's record head, kept until the response phase
-            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", action.token)
-        elseif action.id then
-            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "id", action.id)
-        end
-    elseif kind == "respond" then
-        handle:respond(action.headers, action.body)
-    elseif kind == "fallback" then
-        handle:headers():replace(self.conf.route_header, action.route)
-        handle:clearRouteCache()
-    end
-end
-
--- The /route and /complete bodies are written straight into msgpack (the same bytes that
--- msgpack_encode() would make of the equivalent table, keys in a fixed order) from these pieces.
-local K_ID = "\162id"
-local K_T = "\161t"
-local K_PATH = "\164path"
-local K_HEADERS = "\167headers"
-local K_BODY = "\164body"
-local K_STATUS = "\166status"
-local K_T_FIRST = "\167t_first"
-local K_T_END = "\165t_end"
-local K_STREAM = "\166stream"
-local K_TRUNCATED = "\169truncated"
-local TRUE, FALSE = "\195", "\194"
-
--- Scratch space for building a message, shared by all requests of this Lua state: the filter runs
--- one coroutine per request and per response, and they interleave only at yields, so code that
--- fills `buf` and concatenates it without yielding in between has it to itself. Slots past the
--- current message may keep strings of an earlier one alive until overwritten.
-local buf = {}
-local seen = {} -- request header name -> index in `buf` of its value's head
 
 ---------------------------------------------------------------------------------------------------
 -- shared-memory fast path: the sidecar's published config, the per-worker backend pick, keys and
@@ -1196,7 +882,7 @@ local K_RING = "\164ring"
 -- count. `t` is already msgpack.
 local function record_head(cfg, headers_map, t, model, rule, backend)
     local parts = { K_T, t, K_MODEL, str_head(#model), model, K_RULE, str_head(#rule), rule,
-        K_GEN, enc_number(cfg.generation or 0), K_HEADERS, headers_map }
+        K_GEN, enc_uint(cfg.generation or 0), K_HEADERS, headers_map }
     -- (t, model, rule, gen, headers [, backend])
     local n = 5
     if backend then
@@ -1214,7 +900,7 @@ local function record_body(head, status, t_first, t_end, stream, kept, truncated
         return nil, err
     end
     local n = head.n + 5
-    local tail = { K_T_END, t_end, K_STATUS, enc_number(status or 0),
+    local tail = { K_T_END, t_end, K_STATUS, enc_uint(status or 0),
         K_STREAM, stream and TRUE or FALSE, K_TRUNCATED, truncated and TRUE or FALSE }
     if t_first then
         tail[9], tail[10] = K_T_FIRST, t_first
@@ -1249,6 +935,125 @@ local function take(fast, token)
     return head
 end
 
+
+---------------------------------------------------------------------------------------------------
+-- request phase
+---------------------------------------------------------------------------------------------------
+
+-- decisions (pure): the sidecar's answer, or its failure, as an action
+
+local function json_escape(s)
+    return (str_gsub(s, '[%c"\\]', function(c)
+        return str_format("\\u%04x", str_byte(c))
+    end))
+end
+
+local function is_str_map(t)
+    if type(t) ~= "table" then
+        return false
+    end
+    for k, v in pairs(t) do
+        if type(k) ~= "string" or type(v) ~= "string" then
+            return false
+        end
+    end
+    return true
+end
+
+-- The action for a sidecar failure: a 503 JSON answer (fail_closed) or the fallback route.
+function _M.failure_action(conf, reason)
+    if conf.failure_mode == "fail_open" then
+        return { action = "fallback", route = conf.fallback_route, reason = reason }
+    end
+    return {
+        action = "respond",
+        status = 503,
+        headers = { [":status"] = "503", ["content-type"] = "application/json" },
+        body = '{"error":{"message":"routing sidecar unavailable: ' .. json_escape(reason)
+            .. '","type":"server_error","code":"sidecar_unavailable"}}',
+        reason = reason,
+    }
+end
+local failure_action = _M.failure_action
+
+-- The /route answer (status as a string or number, raw body or nil) -> an action table:
+--   { action = "set", headers = {..}, id = str|nil }
+--   { action = "respond", status = n, headers = {..}, body = str }
+--   { action = "fallback", route = str, reason = str }     (fail_open)
+-- Failures carry `reason`, one of a fixed set of words (plus a status number).
+function _M.decide(status, body, conf)
+    status = tonumber(status)
+    if status ~= 200 then
+        local reason
+        if status == 504 then
+            reason = "timeout"
+        elseif status == 503 then
+            reason = "unreachable"
+        elseif status then
+            reason = "status " .. status
+        else
+            reason = "no answer"
+        end
+        return failure_action(conf, reason)
+    end
+    local answer = msgpack_decode(body or "")
+    if type(answer) ~= "table" then
+        return failure_action(conf, "bad answer")
+    end
+    local set, respond = answer.set, answer.respond
+    if set ~= nil and respond == nil then
+        if not is_str_map(set) then
+            return failure_action(conf, "bad answer")
+        end
+        local id = answer.id
+        return { action = "set", headers = set, id = type(id) == "string" and id or nil }
+    elseif respond ~= nil and set == nil and type(respond) == "table" then
+        local rstatus, rheaders, rbody = respond.status, respond.headers, respond.body
+        if type(rstatus) ~= "number" or rstatus ~= math_floor(rstatus) or rstatus < 200
+            or rstatus > 599 or (rheaders ~= nil and not is_str_map(rheaders))
+            or (rbody ~= nil and type(rbody) ~= "string") then
+            return failure_action(conf, "bad answer")
+        end
+        local out = {}
+        if rheaders then
+            for k, v in pairs(rheaders) do
+                if str_byte(k, 1) ~= 58 then -- drop pseudo-headers; ":status" is ours
+                    out[k] = v
+                end
+            end
+        end
+        out[":status"] = tostring(rstatus)
+        return { action = "respond", status = rstatus, headers = out, body = rbody or "" }
+    end
+    return failure_action(conf, "bad answer")
+end
+local decide = _M.decide
+
+-- Applies an action from decide()/failure_action(). May not return (respond() yields for good).
+local function apply(self, handle, action)
+    local kind = action.action
+    if action.reason then
+        handle:logWarn("ipc_router: routing sidecar unavailable: " .. action.reason
+            .. (kind == "fallback" and " (fail_open)" or " (fail_closed)"))
+    end
+    if kind == "set" then
+        local headers = handle:headers()
+        for k, v in pairs(action.headers) do
+            headers:replace(k, v)
+        end
+        handle:clearRouteCache()
+        if action.token then -- the fast path's record head, kept until the response phase
+            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", action.token)
+        elseif action.id then
+            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "id", action.id)
+        end
+    elseif kind == "respond" then
+        handle:respond(action.headers, action.body)
+    elseif kind == "fallback" then
+        handle:headers():replace(self.conf.route_header, action.route)
+        handle:clearRouteCache()
+    end
+end
 
 -- The /route body up to the request body's bytes: "t" (`t`, already msgpack, or nil), "path",
 -- "headers", "id" (x-request-id) and the "body" key. The headers are encoded while iterated,
@@ -1438,7 +1243,7 @@ local function complete_body(id, status, t_first, t_end, stream, kept, truncated
     local n = 4
     if status then
         keys = keys + 1
-        buf[n + 1], buf[n + 2] = K_STATUS, enc_number(status)
+        buf[n + 1], buf[n + 2] = K_STATUS, enc_uint(status)
         n = n + 2
     end
     if t_first then
@@ -1573,7 +1378,7 @@ end
 -- Envoy's C functions (headers' pairs() iterator above all) cost far more than they save,
 -- ~30 µs per request for iterating 10 headers; interpreted, the same loop takes ~5 µs. All in
 -- all, interpreted saves ~40 µs of Envoy CPU per request (compiled on_response alone: +15 µs).
--- The pure Lua parts (msgpack codec, decide()) stay compiled.
+-- The pure Lua parts (the msgpack decoder, decide()) stay compiled.
 if jit then
     for _, f in pairs({ route_body_head, route, route_fast, apply, mt.on_request, mt.on_response,
         fast_refresh, fast_key, record_headers_map, remember }) do

@@ -15,7 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULE_PATH = ROOT / "ipc_router" / "lua" / "ipc_router.lua"
 
 
@@ -261,25 +261,6 @@ class Lua:
             for i, v in enumerate(value, 1):
                 t[i] = self.table(v)
             return t
-        if isinstance(value, str):
-            return value.encode()
-        return value
-
-    def msgval(self, value: Any) -> Any:
-        """Python -> Lua value for the encoder: bytes -> bin, str -> str, list -> array."""
-        if isinstance(value, dict):
-            t = self.rt.table()
-            for k, v in value.items():
-                t[self.msgval(k)] = self.msgval(v)
-            return t
-        if isinstance(value, list | tuple):
-            t = self.rt.table()
-            for i, v in enumerate(value, 1):
-                t[i] = self.msgval(v)
-            t[b"n"] = len(value)
-            return self.M.array(t)
-        if isinstance(value, bytes):
-            return self.M.bin(value)
         if isinstance(value, str):
             return value.encode()
         return value

@@ -33,7 +33,7 @@ the token delay before each later token chunk. A non-streaming response is sent 
 
 Use it
 ------
-* CLI: ``ipc-router mock-backend --listen 127.0.0.1:8001 --name a`` (or ``python -m ipc_router.mock_backend``;
+* CLI: ``ipc-router mock-backend --listen 127.0.0.1:8001 --name a`` (or ``python -m ipc_router.tools.mock_backend``;
   ``--help`` lists the options and their defaults); prints ``mock-backend a listening on http://127.0.0.1:PORT``
   on stdout once ready; exits on SIGTERM/SIGINT. Cassettes are read only from ``--cassettes DIR``.
 * In-process (own loop in a daemon thread)::
@@ -71,7 +71,7 @@ import httptools
 import orjson
 import yaml
 
-log = logging.getLogger("ipc_router.mock_backend")
+log = logging.getLogger("ipc_router.tools.mock_backend")
 
 _CHAT_PATH = "/v1/chat/completions"
 _REQUESTS_PATH = "/_mock/requests"
@@ -740,7 +740,7 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser, *, log_level: bool = True) -> None:
-    """The mock's options, on ``p`` (``python -m ipc_router.mock_backend`` and ``ipc-router mock-backend``)."""
+    """The mock's options, on ``p`` (``python -m ipc_router.tools.mock_backend`` and ``ipc-router mock-backend``)."""
     # A string default goes through type= too: --help shows it as written.
     p.add_argument("--listen", type=parse_listen, default="127.0.0.1:0", metavar="HOST:PORT",
                    help="where to listen; port 0 picks a free one")  # fmt: skip
@@ -758,7 +758,7 @@ def add_arguments(p: argparse.ArgumentParser, *, log_level: bool = True) -> None
 
 def _build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m ipc_router.mock_backend", description=DESCRIPTION,
+        prog="python -m ipc_router.tools.mock_backend", description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     add_arguments(p)

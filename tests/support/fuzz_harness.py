@@ -14,7 +14,7 @@ longer than ``HANG_SECONDS`` (sans-IO) or the server has not closed ``HANG_SECON
 Every reply must be a sequence of well-formed HTTP/1.1 responses (httptools' response parser, ``content-length``
 exact, nothing left over), one per request, and a connection-closing error only as the last one.
 
-``python tests/fuzz_harness.py --inputs N [--socket-inputs M] [--atheris]`` prints the figures as JSON.
+``python tests/support/fuzz_harness.py --inputs N [--socket-inputs M] [--atheris]`` prints the figures as JSON.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ from ipc_router.router import Routing
 from ipc_router.server import Settings, _SidecarProtocol
 from ipc_router.service import Response, Service
 
-TESTS = Path(__file__).resolve().parent
-REPO = TESTS.parent
+SUPPORT = Path(__file__).resolve().parent
+REPO = SUPPORT.parents[1]
 HANG_SECONDS = 2.0
 #: Small limits, so that mutated inputs reach them (the defaults are pinned by their own tests).
 MAX_HEADER_BYTES, MAX_BODY_BYTES, MAX_HEADERS = 2048, 4096, 20
@@ -464,7 +464,7 @@ def fuzz_sans_io(inputs: Iterable[bytes], seed: int = 0, svc: Service | None = N
 
 def subprocess_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("IPC_ROUTER_") and not k.startswith("OTEL_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO)])
+    env["PYTHONPATH"] = os.pathsep.join([str(SUPPORT), str(REPO)])
     return env
 
 

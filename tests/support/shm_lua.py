@@ -1,5 +1,5 @@
 """LuaJIT runtimes (lupa, JIT on) with ipc_router/lua/ipc_router_shm.lua loaded, for tests/test_shm.py
-and the helper processes in tests/shm_proc.py."""
+and the helper processes in tests/support/shm_proc.py."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LUA_DIR = ROOT / "ipc_router" / "lua"
 
 

@@ -1,7 +1,7 @@
 """Soak: a real Envoy and sidecar (fast path on) under a steady request rate, streaming and not, with config
 reloads, for a fixed time; then the books are checked.
 
-``python -m tests.soak --seconds 600`` (``make soak``) prints the figures as JSON; ``tests/test_soak.py`` runs a
+``python -m tests.support.soak --seconds 600`` (``make soak``) prints the figures as JSON; ``tests/test_soak.py`` runs a
 30-second version inside ``make test``. Traffic goes to 127.0.0.1 only, at a bounded rate, for a bounded time.
 """
 
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipc_router.stack import Stack, free_port
-from tests.e2e import Backends, chat, model_rule, samples, scrape, start_backends, wait_until, write_config
+from ipc_router.tools.stack import Stack, free_port
+from tests.support.e2e import Backends, chat, model_rule, samples, scrape, start_backends, wait_until, write_config
 
 MODELS = ("soak-a", "soak-b", "soak-c")
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ipc_router.mock_backend import MockBackend
+from ipc_router.tools.mock_backend import MockBackend
 
 
 @dataclass

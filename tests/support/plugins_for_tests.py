@@ -1,7 +1,7 @@
 """Routers and metrics factories used by the tests, loaded by ``module:attr`` (in process and by ``ipc-router``).
 
-The tests put ``tests/`` on ``sys.path`` (pytest's default ``prepend`` import mode does it for the test modules;
-the server subprocesses get ``PYTHONPATH=<repo>/tests``), so the plugin spec is ``plugins_for_tests:<name>``.
+``tests/conftest.py`` puts ``tests/support/`` on ``sys.path`` and the server subprocesses get
+``PYTHONPATH=<repo>/tests/support``, so the plugin spec is ``plugins_for_tests:<name>``, as a user names theirs.
 """
 
 from __future__ import annotations

@@ -2,6 +2,10 @@
 
 Used by ``make demo``, the end-to-end tests and ``bench/e2e_latency.py``. Every process it starts is stopped
 by :meth:`Stack.stop` (by pid: SIGTERM, then SIGKILL), and its work directory (socket, bootstrap) is removed.
+
+The sidecar gets the caller's environment (plus :attr:`Stack.env`) and working directory unchanged: its
+``--router``/``--metrics`` modules are found as ``ipc-router serve`` finds them, in :attr:`Stack.app_dir`
+(``--app-dir``) when given, else in the working directory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ipc_router.filterapi import load_config
+from ipc_router.config import load_config
 
 __all__ = ["Stack", "StackError", "envoy_binary", "free_port", "read_tail", "stop_process"]
 
@@ -67,6 +71,8 @@ class Stack:
     log_dir: str | None = None
     #: The shared-memory fast path (the sidecar's --shm); its segment lives in the stack's work directory.
     shm: bool = True
+    #: The sidecar's ``--app-dir``: where its ``--router``/``--metrics`` modules are looked for first.
+    app_dir: str | None = None
 
     def __post_init__(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="ipr", dir="/tmp")  # short: socket paths must stay under 108 bytes
@@ -96,9 +102,10 @@ class Stack:
         if self.metrics_port:
             cmd += ["--metrics-addr", f"127.0.0.1:{self.metrics_port}"]
         cmd += ["--shm-dir", self.workdir] + ([] if self.shm else ["--no-shm"])
+        if self.app_dir is not None:
+            cmd += ["--app-dir", self.app_dir]
         cmd += list(self.sidecar_args)
         env = {**os.environ, **self.env}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
         log = open(self._logs / "sidecar.log", "ab")  # noqa: SIM115 - the child owns it
         self.sidecar = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
@@ -121,11 +128,10 @@ class Stack:
     # --- envoy ----------------------------------------------------------------------------------------------------
 
     def bootstrap_dict(self) -> dict[str, Any]:
-        from ipc_router.envoy_config import bootstrap
+        from ipc_router.envoy_config import BootstrapOptions, bootstrap
         from ipc_router.fastpath import segment_path
 
-        return bootstrap(
-            load_config(self.config),
+        options = BootstrapOptions(
             socket_path=self.socket,
             listen=f"127.0.0.1:{self.listen_port}",
             admin=f"127.0.0.1:{self.admin_port}",
@@ -134,6 +140,7 @@ class Stack:
             passthrough=self.passthrough,
             shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
         )
+        return bootstrap(load_config(self.config), options)
 
     def bootstrap_yaml(self) -> str:
         from ipc_router.envoy_config import render

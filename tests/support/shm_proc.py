@@ -1,4 +1,4 @@
-"""The other side of tests/test_shm.py, run as a separate process: `python tests/shm_proc.py ROLE ...`.
+"""The other side of tests/test_shm.py, run as a separate process: `python tests/support/shm_proc.py ROLE ...`.
 
 writer PATH MODE the sidecar's slot/config writer in a tight loop (until killed); MODE put_route
                  or adversarial (a wrong entry visible while the slot's sequence is odd)

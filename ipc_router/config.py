@@ -1,0 +1,457 @@
+"""The AI Gateway filter config (v0.2 YAML format), as typed, validated, immutable objects.
+
+A file the AI Gateway controller wrote loads unchanged: keys are camelCase, unknown keys (fields of later
+versions, typos) are ignored and listed in :attr:`Config.warnings` with the known key they most resemble. Two
+optional additions of ours on a backend: ``weight`` and ``endpoint``, plus an optional ``server`` section for
+sidecar settings that may live beside the config.
+
+Every problem is a :class:`ConfigError` naming the file, the key path (``rules[2].headers[0].type``) and what
+is wrong.
+
+Also importable as ``ipc_router.filterapi`` (the AI Gateway's name): the same module object.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any, Literal, TypeAlias, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+RouteRuleName: TypeAlias = str
+
+DEFAULT_MODEL_NAME_HEADER_KEY = "x-ai-eg-model"
+DEFAULT_SELECTED_ROUTE_HEADER_KEY = "x-ai-eg-selected-route"
+SELECTED_BACKEND_HEADER_KEY = "x-ai-eg-selected-backend"
+ORIGINAL_PATH_HEADER_KEY = "x-ai-eg-original-path"
+DEFAULT_METADATA_NAMESPACE = "io.envoy.ai_gateway"
+
+APISchemaName = Literal["OpenAI", "AWSBedrock", "AzureOpenAI"]
+_SCHEMAS: tuple[str, ...] = ("OpenAI", "AWSBedrock", "AzureOpenAI")
+_COST_TYPES = ("InputToken", "OutputToken", "TotalToken", "CEL")
+_TOP_KEYS = (
+    "schema", "modelNameHeaderKey", "selectedRouteHeaderKey", "metadataNamespace", "llmRequestCosts", "rules",
+    "uuid", "server",
+)  # fmt: skip
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. ``str()`` reads ``file: key.path: what is wrong``."""
+
+    def __init__(self, message: str, path: str = "", source: str | None = None) -> None:
+        self.message = message
+        self.path = path
+        self.source = source
+        where = ": ".join(p for p in (source, path) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedAPISchema:
+    name: str = "OpenAI"
+    version: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """A Gateway API HTTPHeaderMatch. ``Exact`` compares strings; ``RegularExpression`` must match the whole
+    value. ``name`` is stored lower-case: header names are case-insensitive."""
+
+    name: str
+    value: str
+    type: Literal["Exact", "RegularExpression"] = "Exact"
+    pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
+
+    def matches(self, value: str) -> bool:
+        if self.pattern is None:
+            return value == self.value
+        return self.pattern.fullmatch(value) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    schema: VersionedAPISchema = field(default_factory=VersionedAPISchema)
+    #: Relative share of the rule's traffic; 0 means never chosen.
+    weight: int = 1
+    #: ``http(s)://host[:port]`` for the Envoy bootstrap generator (see :func:`parse_endpoint`); ``None`` when
+    #: Envoy's clusters are hand-written.
+    endpoint: str | None = None
+    #: The backend's ``auth`` section, kept as given (for the upstream's own use; ipc_router does not inject it).
+    auth: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    name: RouteRuleName
+    headers: tuple[HeaderMatch, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    models_owned_by: str = "Envoy AI Gateway"
+    models_created_at: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LLMRequestCost:
+    metadata_key: str
+    type: str
+    cel: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """Optional ``server:`` section of ours. Command-line flags and ``IPC_ROUTER_*`` variables take precedence."""
+
+    router: str | None = None
+    metrics: str | None = None
+    metrics_request_header_attributes: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    schema: VersionedAPISchema = field(default_factory=VersionedAPISchema)
+    model_name_header_key: str = DEFAULT_MODEL_NAME_HEADER_KEY
+    selected_route_header_key: str = DEFAULT_SELECTED_ROUTE_HEADER_KEY
+    metadata_namespace: str = DEFAULT_METADATA_NAMESPACE
+    llm_request_costs: tuple[LLMRequestCost, ...] = ()
+    rules: tuple[RouteRule, ...] = ()
+    uuid: str = ""
+    server: ServerSettings = field(default_factory=ServerSettings)
+    #: Unknown keys met while reading (ignored, as the AI Gateway adds keys over time), each as
+    #: ``"rules[0].header: unknown key; did you mean 'headers'?"``.
+    warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def rule(self, name: str) -> RouteRule | None:
+        for r in self.rules:
+            if r.name == name:
+                return r
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as the AI Gateway's YAML keys (plus our additions); ``config_from_dict`` reads it back."""
+        out: dict[str, Any] = {
+            "schema": _schema_dict(self.schema),
+            "modelNameHeaderKey": self.model_name_header_key,
+            "selectedRouteHeaderKey": self.selected_route_header_key,
+            "metadataNamespace": self.metadata_namespace,
+            "rules": [_rule_dict(r) for r in self.rules],
+        }
+        if self.uuid:
+            out["uuid"] = self.uuid
+        if self.llm_request_costs:
+            out["llmRequestCosts"] = [
+                {"metadataKey": c.metadata_key, "type": c.type, **({"cel": c.cel} if c.cel else {})}
+                for c in self.llm_request_costs
+            ]
+        server = {
+            k: v
+            for k, v in (
+                ("router", self.server.router),
+                ("metrics", self.server.metrics),
+                ("metricsRequestHeaderAttributes", self.server.metrics_request_header_attributes),
+            )
+            if v is not None
+        }
+        if server:
+            out["server"] = server
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A backend's ``endpoint``, parsed. ``port`` defaults by scheme: 443 for https, 80 for http."""
+
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+
+def parse_endpoint(endpoint: str) -> Endpoint:
+    """``http://host[:port]`` or ``https://host[:port]`` (no path beyond ``/``, no query, no user info), the one
+    definition of an endpoint for config validation and the Envoy bootstrap. Raises :class:`ValueError`."""
+    u = urlsplit(endpoint)
+    try:
+        port = u.port
+    except ValueError:  # not a number, or out of range
+        port = -1
+    extra = u.query or u.fragment or u.username or u.password or u.path not in ("", "/")
+    if u.scheme not in ("http", "https") or not u.hostname or port == 0 or port == -1 or extra:
+        raise ValueError(f"expected http://host[:port] or https://host[:port], got {endpoint!r}")
+    scheme: Literal["http", "https"] = "https" if u.scheme == "https" else "http"
+    return Endpoint(scheme, u.hostname, port if port is not None else (443 if scheme == "https" else 80))
+
+
+def not_in_bootstrap(started: Config, new: Config) -> Iterator[str]:
+    """What ``new`` routes to that a bootstrap generated from ``started`` has no route or cluster for: rules,
+    backends, and (rule, backend) pairs, described for a log line."""
+    rules = {r.name for r in started.rules}
+    pairs = {(r.name, b.name) for r in started.rules for b in r.backends if b.weight > 0}
+    backends = {b for _, b in pairs}
+    for r in new.rules:
+        if r.name not in rules:
+            yield f"rule {r.name!r} is new"
+            continue
+        for b in r.backends:
+            if b.weight <= 0 or (r.name, b.name) in pairs:
+                continue
+            if b.name not in backends:
+                yield f"backend {b.name!r} of rule {r.name!r} is new"
+            else:
+                yield f"backend {b.name!r} is new in rule {r.name!r}"
+
+
+def _schema_dict(s: VersionedAPISchema) -> dict[str, str]:
+    return {"name": s.name, "version": s.version} if s.version else {"name": s.name}
+
+
+def _rule_dict(r: RouteRule) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": r.name,
+        "headers": [{"type": h.type, "name": h.name, "value": h.value} for h in r.headers],
+        "backends": [],
+        "modelsOwnedBy": r.models_owned_by,
+    }
+    if r.models_created_at is not None:
+        d["modelsCreatedAt"] = r.models_created_at
+    for b in r.backends:
+        bd: dict[str, Any] = {"name": b.name, "schema": _schema_dict(b.schema), "weight": b.weight}
+        if b.endpoint is not None:
+            bd["endpoint"] = b.endpoint
+        if b.auth is not None:
+            bd["auth"] = dict(b.auth)
+        d["backends"].append(bd)
+    return d
+
+
+def default_config() -> Config:
+    """What the AI Gateway uses when no file is given: OpenAI schema, default header keys, no rules."""
+    return Config()
+
+
+def load_config(path: str | PathLike[str]) -> Config:
+    """Read and validate a filter config file. Raises :class:`ConfigError` (also for unreadable files)."""
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read: {e.strerror or e}", source=source) from e
+    return parse_config(text, source=source)
+
+
+def parse_config(text: str | bytes, source: str | None = None) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"invalid YAML{where}: {problem}", source=source) from e
+    return config_from_dict({} if raw is None else raw, source=source)
+
+
+def config_from_dict(raw: Any, source: str | None = None) -> Config:
+    return _Reader(source).config(raw)
+
+
+class _Reader:
+    """Validates raw YAML data, keeping the key path for messages."""
+
+    def __init__(self, source: str | None) -> None:
+        self.source = source
+        self.warnings: list[str] = []
+
+    def known(self, m: Mapping[str, Any], path: str, keys: tuple[str, ...]) -> None:
+        """Note each key of ``m`` not in ``keys``, with the known key it most resembles."""
+        for key in m:
+            if key in keys:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            text = str(key)
+            by_case = [k for k in keys if k.lower() == text.lower()]
+            close = by_case or difflib.get_close_matches(text, keys, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.warnings.append(f"{where}: unknown key{hint}")
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        return ConfigError(message, path, self.source)
+
+    def mapping(self, raw: Any, path: str) -> Mapping[str, Any]:
+        if not isinstance(raw, Mapping):
+            raise self.fail(path, f"expected a mapping, got {_kind(raw)}")
+        return cast(Mapping[str, Any], raw)
+
+    def seq(self, raw: Any, path: str) -> list[Any]:
+        if raw is None:
+            return []
+        if not isinstance(raw, list):
+            raise self.fail(path, f"expected a list, got {_kind(raw)}")
+        return raw
+
+    def string(self, m: Mapping[str, Any], key: str, path: str, default: str | None = None) -> str:
+        p = f"{path}.{key}" if path else key
+        v = m.get(key)
+        if v is None:
+            if default is None:
+                raise self.fail(p, "is required")
+            return default
+        if not isinstance(v, str):
+            raise self.fail(p, f"expected a string, got {_kind(v)}")
+        return v
+
+    def config(self, raw: Any) -> Config:
+        m = self.mapping(raw, "")
+        self.known(m, "", _TOP_KEYS)
+        model_key = self.string(m, "modelNameHeaderKey", "", DEFAULT_MODEL_NAME_HEADER_KEY).lower()
+        route_key = self.string(m, "selectedRouteHeaderKey", "", DEFAULT_SELECTED_ROUTE_HEADER_KEY).lower()
+        if not model_key:
+            raise self.fail("modelNameHeaderKey", "must not be empty")
+        if not route_key:
+            raise self.fail("selectedRouteHeaderKey", "must not be empty")
+        rules = tuple(self.rule(r, f"rules[{i}]") for i, r in enumerate(self.seq(m.get("rules"), "rules")))
+        seen: dict[str, int] = {}
+        for i, r in enumerate(rules):
+            if r.name in seen:
+                raise self.fail(f"rules[{i}].name", f"duplicate rule name {r.name!r} (also rules[{seen[r.name]}])")
+            seen[r.name] = i
+        costs = tuple(
+            self.cost(c, f"llmRequestCosts[{i}]")
+            for i, c in enumerate(self.seq(m.get("llmRequestCosts"), "llmRequestCosts"))
+        )
+        uuid = m.get("uuid")
+        return Config(
+            schema=self.schema(m.get("schema"), "schema"),
+            model_name_header_key=model_key,
+            selected_route_header_key=route_key,
+            metadata_namespace=self.string(m, "metadataNamespace", "", DEFAULT_METADATA_NAMESPACE),
+            llm_request_costs=costs,
+            rules=rules,
+            uuid=str(uuid) if uuid is not None else "",
+            server=self.server(m.get("server"), "server"),
+            warnings=tuple(self.warnings),
+        )
+
+    def schema(self, raw: Any, path: str) -> VersionedAPISchema:
+        if raw is None:
+            return VersionedAPISchema()
+        m = self.mapping(raw, path)
+        self.known(m, path, ("name", "version"))
+        name = self.string(m, "name", path)
+        if name not in _SCHEMAS:
+            raise self.fail(f"{path}.name", f"unknown schema {name!r}; expected one of {', '.join(_SCHEMAS)}")
+        version = m.get("version", "")
+        return VersionedAPISchema(name=name, version="" if version is None else str(version))
+
+    def rule(self, raw: Any, path: str) -> RouteRule:
+        m = self.mapping(raw, path)
+        self.known(m, path, ("name", "headers", "backends", "modelsOwnedBy", "modelsCreatedAt"))
+        name = self.string(m, "name", path)
+        if not name:
+            raise self.fail(f"{path}.name", "must not be empty")
+        headers = tuple(
+            self.header(h, f"{path}.headers[{i}]") for i, h in enumerate(self.seq(m.get("headers"), f"{path}.headers"))
+        )
+        backends = tuple(
+            self.backend(b, f"{path}.backends[{i}]")
+            for i, b in enumerate(self.seq(m.get("backends"), f"{path}.backends"))
+        )
+        if backends and not any(b.weight > 0 for b in backends):
+            raise self.fail(f"{path}.backends", "every backend has weight 0: the rule could never be served")
+        names = [b.name for b in backends]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise self.fail(f"{path}.backends[{i}].name", f"duplicate backend name {n!r} in this rule")
+        created = m.get("modelsCreatedAt")
+        return RouteRule(
+            name=name,
+            headers=headers,
+            backends=backends,
+            models_owned_by=self.string(m, "modelsOwnedBy", path, "Envoy AI Gateway"),
+            models_created_at=None if created is None else _iso(created),
+        )
+
+    def header(self, raw: Any, path: str) -> HeaderMatch:
+        m = self.mapping(raw, path)
+        self.known(m, path, ("type", "name", "value"))
+        name = self.string(m, "name", path).lower()
+        if not name:
+            raise self.fail(f"{path}.name", "must not be empty")
+        value = self.string(m, "value", path)
+        kind = self.string(m, "type", path, "Exact")
+        if kind == "Exact":
+            return HeaderMatch(name=name, value=value)
+        if kind == "RegularExpression":
+            try:
+                pattern = re.compile(value)
+            except re.error as e:
+                raise self.fail(f"{path}.value", f"invalid regular expression {value!r}: {e}") from e
+            return HeaderMatch(name=name, value=value, type="RegularExpression", pattern=pattern)
+        raise self.fail(f"{path}.type", f"unknown match type {kind!r}; expected Exact or RegularExpression")
+
+    def backend(self, raw: Any, path: str) -> Backend:
+        m = self.mapping(raw, path)
+        self.known(m, path, ("name", "schema", "weight", "endpoint", "auth"))
+        name = self.string(m, "name", path)
+        if not name:
+            raise self.fail(f"{path}.name", "must not be empty")
+        weight = m.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 0:
+            raise self.fail(f"{path}.weight", f"expected an integer >= 0, got {weight!r}")
+        endpoint = m.get("endpoint")
+        if endpoint is not None:
+            if not isinstance(endpoint, str):
+                raise self.fail(f"{path}.endpoint", f"expected a string, got {_kind(endpoint)}")
+            try:
+                parse_endpoint(endpoint)
+            except ValueError as e:
+                raise self.fail(f"{path}.endpoint", str(e)) from None
+        auth = m.get("auth")
+        if auth is not None:
+            auth = self.mapping(auth, f"{path}.auth")
+        return Backend(
+            name=name,
+            schema=self.schema(m.get("schema"), f"{path}.schema"),
+            weight=weight,
+            endpoint=endpoint,
+            auth=auth,
+        )
+
+    def cost(self, raw: Any, path: str) -> LLMRequestCost:
+        m = self.mapping(raw, path)
+        self.known(m, path, ("metadataKey", "type", "cel"))
+        key = self.string(m, "metadataKey", path)
+        kind = self.string(m, "type", path)
+        if kind not in _COST_TYPES:
+            raise self.fail(f"{path}.type", f"unknown cost type {kind!r}; expected one of {', '.join(_COST_TYPES)}")
+        cel = self.string(m, "cel", path, "")
+        if kind == "CEL" and not cel:
+            raise self.fail(f"{path}.cel", "is required when type is CEL")
+        return LLMRequestCost(metadata_key=key, type=kind, cel=cel)
+
+    def server(self, raw: Any, path: str) -> ServerSettings:
+        if raw is None:
+            return ServerSettings()
+        m = self.mapping(raw, path)
+        self.known(m, path, ("router", "metrics", "metricsRequestHeaderAttributes"))
+
+        def opt(key: str) -> str | None:
+            return self.string(m, key, path, "") or None
+
+        return ServerSettings(
+            router=opt("router"),
+            metrics=opt("metrics"),
+            metrics_request_header_attributes=opt("metricsRequestHeaderAttributes"),
+        )
+
+
+def _kind(v: Any) -> str:
+    return "nothing" if v is None else type(v).__name__
+
+
+def _iso(v: Any) -> str:
+    # YAML turns an unquoted timestamp into a datetime; keep the text form.
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
