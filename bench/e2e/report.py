@@ -137,6 +137,15 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
             f"{_f(row['added_p99_us'], '{:+.0f}')} | {_f(row['cN']['rps'])} | {_f(row['rps_vs_direct'], '{:.2f}')} "
             f"| {cpu} |"
         )
+    backend, direct = s.get("backend"), s.get(FLOOR)
+    if backend and direct and backend["cN"]["rps"] and direct["cN"]["rps"]:
+        share = direct["cpu_us_per_request_cN"].get("backend")
+        lines += [
+            "",
+            f"The backend is not the bottleneck: alone it serves {backend['cN']['rps']:,.0f} req/s at c={hi}, "
+            f"{backend['cN']['rps'] / direct['cN']['rps']:.1f}x Envoy direct's"
+            + (f", and costs {share:.1f} µs of CPU per request behind Envoy." if share is not None else "."),
+        ]
     lines += ["", "## Goals (from issue #10; goals, not timed tests)", "", "| goal | measured | verdict |"]
     lines.append("|---|---|---|")
     for g in result["goals"]:
@@ -180,8 +189,10 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
     ax1.set_xscale("log")
     ax1.set_xlabel("added p50 latency over Envoy direct at c=1 (µs, log; lower is better)")
     for i, (v, (_, r)) in enumerate(zip(added, rows[::-1], strict=True)):
-        text = "floor" if r["added_p50_us"] is None else f"{r['added_p50_us']:+.0f} µs"
+        a = r["added_p50_us"]
+        text = "floor" if a is None else (f"{a / 1000:+.1f} ms" if abs(a) >= 1000 else f"{a:+.0f} µs")
         ax1.text(v, i, f" {text}", va="center", fontsize=9)
+    ax1.set_xlim(1, max(added) * 20)
     ax2.barh(labels, rps, color=colors)
     ax2.set_xscale("log")
     ax2.set_xlabel(f"throughput at c={hi} (req/s, log; higher is better)")
@@ -194,12 +205,15 @@ def write_plot(result: dict[str, Any], path: Path) -> str | None:
     backend = s.get("backend")
     ceiling = f"; the mock alone serves {backend['cN']['rps']:,.0f} req/s" if backend else ""
     m = result["machine"]
+    pending = [f"{c['number']} {c['label']}: {c['note']}" for c in result["configurations"] if c["status"] != "ran"]
+    if pending:
+        fig.text(0.01, 0.01, "not run: " + "; ".join(pending), fontsize=8, color="#555555")
     fig.suptitle(
         f"ipc_router vs alternatives, Envoy {m['envoy']} --concurrency 1, {m['nproc']} CPUs, "
         f"{result['params']['rounds']} interleaved rounds, {m['date'][:10]}{ceiling}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05 if pending else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
