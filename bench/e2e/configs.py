@@ -7,7 +7,8 @@ responder (3), ipc_router's Lua filter and sidecar (4, 5), an ext_proc gRPC serv
 of its own, so it takes the place of Envoy. All send to the same C mock backend (one listener per model).
 
 To add a configuration, or one that runs ipc_router with other sidecar flags (the shared-memory fast path is
-``--shm``), add an entry to :data:`CONFIGURATIONS`.
+``--shm``) or Stack options, add an entry to :data:`CONFIGURATIONS`; to enable the fast path's entry (5), drop its
+``pending=``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ class Configuration:
     why: str
     kind: str  # a key of STARTERS
     sidecar_args: tuple[str, ...] = ()
+    #: Extra keyword arguments of ipc_router.stack.Stack (for a bootstrap option the fast path may add).
+    stack_options: Mapping[str, Any] = field(default_factory=dict)
     #: Set while the configuration cannot run yet: the suite lists it as pending and skips it.
     pending: str | None = None
     #: The peer venv it needs (bench/peers/<peer>/.venv); skipped with a note when that is not installed.
@@ -351,7 +354,8 @@ def start_httpcall(c: Configuration, w: World) -> Running:
 
 def start_ipc_router(c: Configuration, w: World) -> Running:
     # As deployed: default GenAI metrics, exported to Prometheus.
-    return _from_stack(Stack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args))
+    stack = Stack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
+    return _from_stack(stack)
 
 
 def start_ext_proc(c: Configuration, w: World) -> Running:

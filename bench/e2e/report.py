@@ -118,6 +118,7 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         "",
         f"{m['date']} · {m['nproc']} CPUs ({m['cpu']}) · Python {m['python']} · Envoy {m['envoy']} "
         f"`--concurrency 1` · wrk -t1 · {p['rounds']} interleaved rounds x {p['seconds']:g} s per run"
+        + (f" · ipc_router {m['commit']}" if m.get("commit") else "")
         + (f" · CPU busy before the run: {busy:.0f}%" if busy is not None else ""),
         "",
         f"Mix: {p['mix']}; the same C mock backend for all. Shared, noisy machine: absolute figures move between "

@@ -65,7 +65,9 @@ def start_backend(responder: Path, workdir: Path) -> tuple[subprocess.Popen[byte
 def machine() -> dict[str, Any]:
     from bench.e2e_latency import machine as e2e_machine  # the same description as the latency bench
 
-    return e2e_machine()
+    git = ["git", "-C", str(BENCH), "describe", "--always", "--dirty"]
+    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    return {**e2e_machine(), "commit": commit or None}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
