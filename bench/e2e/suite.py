@@ -65,8 +65,12 @@ def start_backend(responder: Path, workdir: Path) -> tuple[subprocess.Popen[byte
 def machine() -> dict[str, Any]:
     from bench.e2e_latency import machine as e2e_machine  # the same description as the latency bench
 
-    git = ["git", "-C", str(BENCH), "describe", "--always", "--dirty"]
-    commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(BENCH.parent), *args], capture_output=True, text=True).stdout.strip()
+
+    commit = git("log", "-1", "--format=%h")
+    if commit and git("status", "--porcelain", "--", "ipc_router"):
+        commit += " + uncommitted changes in ipc_router/"
     return {**e2e_machine(), "commit": commit or None}
 
 
