@@ -99,7 +99,7 @@ def test_handle_route_cached(benchmark: BenchmarkFixture, service: Service) -> N
     resp = benchmark(service.handle, req)
     assert isinstance(resp, Response)
     check_route_answer(resp)
-    assert service.stats.requests["route", "cached"] >= 1
+    assert service.stats.requests["route", "routed_from_cache"] >= 1
 
 
 def test_handle_route_cached_and_encode(benchmark: BenchmarkFixture, service: Service) -> None:

@@ -370,8 +370,8 @@ def check_sidecar(name: str, stats: Mapping[str, Any], sent: int) -> list[str]:
     its way)."""
     route, complete = stats["requests"].get("route", {}), stats["requests"].get("complete", {})
     problems = []
-    if set(route) - {"routed", "cached"} or sum(route.values()) != sent:
-        problems.append(f"{name}: /route outcomes {route}, expected {sent} routed or cached")
+    if set(route) - {"routed_by_router", "routed_from_cache"} or sum(route.values()) != sent:
+        problems.append(f"{name}: /route outcomes {route}, expected {sent} routed by the router or from the cache")
     if set(complete) - {"ok"} or not sent - 1 <= complete.get("ok", 0) <= sent:
         problems.append(f"{name}: /complete outcomes {complete}, expected {sent} ok")
     if stats["plugin_errors"] or stats["usage_missing"]:
@@ -504,7 +504,7 @@ def print_report(result: Mapping[str, Any]) -> None:
     for name, stats in result["sidecar_stats"].items():
         route, complete = stats["requests"].get("route", {}), stats["requests"].get("complete", {})
         print(
-            f"{name} sidecar: {sum(route.values())} /route ({route.get('cached', 0)} from the cache), "
+            f"{name} sidecar: {sum(route.values())} /route ({route.get('routed_from_cache', 0)} from the cache), "
             f"{complete.get('ok', 0)} /complete"
         )
     for problem in result["problems"]:
