@@ -87,6 +87,12 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "ipc_router",
     ),
     Configuration(
+        "ipc_filter_c", 8, "Envoy + ipc_router's Lua filter, instant C sidecar",
+        "Diagnostic: ipc_router's real Lua filter (both httpCalls, msgpack) answered at once by C, so the "
+        "filter's Envoy-side cost and the Python sidecar's separate (4 minus 8 is the sidecar's share).",
+        "ipc_filter_c",
+    ),
+    Configuration(
         "ipc_router_shm", 5, "Envoy + ipc_router (shared-memory fast path)",
         "ipc_router with routes read from and completions written to shared memory, no httpCall per request.",
         "ipc_router", sidecar_args=("--shm",),
@@ -260,6 +266,20 @@ class HttpCallStack(Stack):
         return doc
 
 
+@dataclass
+class InstantIpcStack(Stack):
+    """Diagnostic configuration 8: the generated bootstrap (ipc_router's filter); the C responder's ``ipc`` mode
+    as the sidecar."""
+
+    responder: str = ""
+
+    def start_sidecar(self, timeout: float = 15.0) -> None:
+        log = open(self._logs / "sidecar.log", "ab")  # noqa: SIM115 - the child owns it
+        self.sidecar = subprocess.Popen([self.responder, "ipc", self.socket], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        _wait_for(lambda: os.path.exists(self.socket), self.sidecar, "the C responder", timeout, self.sidecar_log)
+
+
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -352,6 +372,10 @@ def start_httpcall(c: Configuration, w: World) -> Running:
     return _from_stack(HttpCallStack(str(w.config), responder=str(w.responder)))
 
 
+def start_ipc_filter_c(c: Configuration, w: World) -> Running:
+    return _from_stack(InstantIpcStack(str(w.config), responder=str(w.responder)))
+
+
 def start_ipc_router(c: Configuration, w: World) -> Running:
     # As deployed: default GenAI metrics, exported to Prometheus.
     stack = Stack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
@@ -420,6 +444,7 @@ STARTERS: dict[str, Callable[[Configuration, World], Running]] = {
     "inline_lua": start_inline_lua,
     "httpcall": start_httpcall,
     "ipc_router": start_ipc_router,
+    "ipc_filter_c": start_ipc_filter_c,
     "ext_proc": start_ext_proc,
     "litellm": start_litellm,
 }

@@ -8,6 +8,10 @@
  *   responder route SOCKET_PATH
  *       The httpCall floor's "sidecar" on a Unix socket: answers each request with the value of the body's
  *       "model" key (text/plain), or a 400 if there is none. No allocation, no parsing beyond that scan.
+ *   responder ipc SOCKET_PATH
+ *       An instant ipc_router sidecar for ipc_router's real Lua filter: POST /route gets the msgpack answer
+ *       {"set": {model, route and backend headers = the model found in the request, original path}, "id"},
+ *       anything else (/complete) a 204. Isolates the filter's Envoy-side cost from the Python sidecar's.
  *
  * Written in C, not Python, so that the backend and the responder cost next to nothing beside Envoy: the suite
  * measures Envoy's filters, not its mock. Keep-alive and pipelining; one thread; exits on SIGTERM/SIGINT.
@@ -33,7 +37,7 @@
 typedef struct { char *p; size_t len, cap; } buf_t;
 typedef struct { int fd; int listener; int name; buf_t in, out; size_t out_off; } conn_t;
 
-static int route_mode;
+static int route_mode;  /* 0 backend, 1 route, 2 ipc */
 static int nlisten;
 static int listen_fd[MAX_LISTEN];
 static buf_t answer_json[MAX_LISTEN], answer_sse[MAX_LISTEN];
@@ -114,7 +118,39 @@ static size_t request_length(const char *p, size_t len, const char **body, size_
     return head + clen <= len ? head + clen : 0;
 }
 
-static void answer(conn_t *c, const char *body, size_t blen) {
+static void put_str(buf_t *b, const char *s, size_t n) {  /* a msgpack fixstr (n < 32) */
+    char h = (char)(0xa0 | n);
+    put(b, &h, 1);
+    put(b, s, n);
+}
+
+static void ipc_answer(conn_t *c, const char *model, size_t n) {
+    static const char *keys[] = {"x-ai-eg-model", "x-ai-eg-selected-route", "x-ai-eg-selected-backend"};
+    buf_t m = {0};
+    put(&m, "\x82", 1);
+    put_str(&m, "set", 3);
+    put(&m, "\x84", 1);
+    for (int i = 0; i < 3; i++) {
+        put_str(&m, keys[i], strlen(keys[i]));
+        put_str(&m, model, n);
+    }
+    put_str(&m, "x-ai-eg-original-path", 21);
+    put_str(&m, "/v1/chat/completions", 20);
+    put_str(&m, "id", 2);
+    put_str(&m, "bench-1", 7);
+    char head[128];
+    int h = snprintf(head, sizeof head,
+                     "HTTP/1.1 200 OK\r\ncontent-type: application/msgpack\r\ncontent-length: %zu\r\n\r\n", m.len);
+    put(&c->out, head, h);
+    put(&c->out, m.p, m.len);
+    free(m.p);
+}
+
+static void answer(conn_t *c, const char *req, const char *body, size_t blen) {
+    if (route_mode == 2 && strncmp(req, "POST /route ", 12) != 0) {
+        puts_(&c->out, "HTTP/1.1 204 No Content\r\n\r\n");
+        return;
+    }
     if (!route_mode) {
         int sse = memmem(body, blen, "\"stream\":true", 13) || memmem(body, blen, "\"stream\": true", 14);
         buf_t *a = sse ? &answer_sse[c->name] : &answer_json[c->name];
@@ -128,7 +164,11 @@ static void answer(conn_t *c, const char *body, size_t blen) {
         if (k < e && *k == '"') {
             const char *v = ++k;
             while (k < e && *k != '"') k++;
-            if (k < e) {
+            if (k < e && route_mode == 2 && k - v < 32) {
+                ipc_answer(c, v, (size_t)(k - v));
+                return;
+            }
+            if (k < e && route_mode == 1) {
                 char head[128];
                 int h = snprintf(head, sizeof head, "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n",
                                  (int)(k - v));
@@ -174,7 +214,7 @@ static int on_readable(int ep, conn_t *c) {
     const char *body;
     size_t blen;
     while ((used = request_length(c->in.p + off, c->in.len - off, &body, &blen)) > 0) {
-        answer(c, body, blen);
+        answer(c, c->in.p + off, body, blen);
         off += used;
     }
     memmove(c->in.p, c->in.p + off, c->in.len - off);
@@ -213,8 +253,8 @@ static int listen_unix(const char *path) {
 static void on_signal(int sig) { (void)sig; stopping = 1; }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && strcmp(argv[1], "route") == 0) {
-        route_mode = 1;
+    if (argc == 3 && (strcmp(argv[1], "route") == 0 || strcmp(argv[1], "ipc") == 0)) {
+        route_mode = strcmp(argv[1], "route") == 0 ? 1 : 2;
         listen_fd[nlisten++] = listen_unix(argv[2]);
     } else if (argc >= 4 && argc % 2 == 0 && strcmp(argv[1], "backend") == 0 && (argc - 2) / 2 <= MAX_LISTEN) {
         for (int i = 2; i < argc; i += 2) {
@@ -222,7 +262,7 @@ int main(int argc, char **argv) {
             listen_fd[nlisten++] = listen_tcp(atoi(argv[i]));
         }
     } else {
-        fprintf(stderr, "usage: %s backend PORT NAME [PORT NAME ...] | route SOCKET_PATH\n", argv[0]);
+        fprintf(stderr, "usage: %s backend PORT NAME [PORT NAME ...] | route SOCKET_PATH | ipc SOCKET_PATH\n", argv[0]);
         return 2;
     }
     struct sigaction sa = {.sa_handler = on_signal};
