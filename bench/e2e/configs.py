@@ -6,9 +6,8 @@ and changes only what decides the route: no filter (1), inline Lua (2), a Lua ``
 responder (3), ipc_router's Lua filter and sidecar (4, 5), an ext_proc gRPC server (6). LiteLLM (7) is a gateway
 of its own, so it takes the place of Envoy. All send to the same C mock backend (one listener per model).
 
-To add a configuration, or one that runs ipc_router with other sidecar flags (the shared-memory fast path is
-``--shm``) or Stack options, add an entry to :data:`CONFIGURATIONS`; to enable the fast path's entry (5), drop its
-``pending=``.
+To add a configuration, or one that runs ipc_router with other sidecar flags or Stack options (the fast path is
+``Stack(shm=True)``, the sidecar's ``--shm``), add an entry to :data:`CONFIGURATIONS`.
 """
 
 from __future__ import annotations
@@ -82,9 +81,9 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     ),
     Configuration(
         "ipc_router", 4, "Envoy + ipc_router (Unix socket)",
-        "Today's product: ipc_router's Lua filter, /route and /complete over the socket, default GenAI metrics "
-        "exported to Prometheus (ipc_router.stack.Stack).",
-        "ipc_router",
+        "ipc_router without the fast path (--no-shm): its Lua filter, /route and /complete over the socket for "
+        "every request, default GenAI metrics exported to Prometheus (ipc_router.stack.Stack).",
+        "ipc_router", stack_options={"shm": False},
     ),
     Configuration(
         "ipc_filter_c", 8, "Envoy + ipc_router's Lua filter, instant C sidecar",
@@ -94,9 +93,9 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     ),
     Configuration(
         "ipc_router_shm", 5, "Envoy + ipc_router (shared-memory fast path)",
-        "ipc_router with routes read from and completions written to shared memory, no httpCall per request.",
-        "ipc_router", sidecar_args=("--shm",),
-        pending="the shared-memory fast path is not built yet (its sidecar flag will be --shm)",
+        "ipc_router as shipped (--shm): cached routes read from shared memory and completion records written "
+        "into rings the sidecar drains, no httpCall for a cache hit; same metrics and exporter as 4.",
+        "ipc_router", stack_options={"shm": True},
     ),
     Configuration(
         "ext_proc", 6, "Envoy + Python ext_proc (grpcio)",
@@ -361,19 +360,19 @@ def start_backend(c: Configuration, w: World) -> Running:
 
 
 def start_direct(c: Configuration, w: World) -> Running:
-    return _from_stack(DirectStack(str(w.config)))
+    return _from_stack(DirectStack(str(w.config), shm=False))
 
 
 def start_inline_lua(c: Configuration, w: World) -> Running:
-    return _from_stack(InlineLuaStack(str(w.config)))
+    return _from_stack(InlineLuaStack(str(w.config), shm=False))
 
 
 def start_httpcall(c: Configuration, w: World) -> Running:
-    return _from_stack(HttpCallStack(str(w.config), responder=str(w.responder)))
+    return _from_stack(HttpCallStack(str(w.config), responder=str(w.responder), shm=False))
 
 
 def start_ipc_filter_c(c: Configuration, w: World) -> Running:
-    return _from_stack(InstantIpcStack(str(w.config), responder=str(w.responder)))
+    return _from_stack(InstantIpcStack(str(w.config), responder=str(w.responder), shm=False))
 
 
 def start_ipc_router(c: Configuration, w: World) -> Running:
@@ -383,7 +382,7 @@ def start_ipc_router(c: Configuration, w: World) -> Running:
 
 
 def start_ext_proc(c: Configuration, w: World) -> Running:
-    return _from_stack(ExtProcStack(str(w.config)))
+    return _from_stack(ExtProcStack(str(w.config), shm=False))
 
 
 def start_litellm(c: Configuration, w: World) -> Running:

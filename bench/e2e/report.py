@@ -95,6 +95,10 @@ def goals(summary: dict[str, Any], runs: list[dict[str, Any]] | None = None, hi:
          ">=", 8.0),
         ("LiteLLM added p50 / ipc_router (socket) added p50", lambda: latency_ratio("litellm", "ipc_router"),
          ">=", 100.0),
+        ("Python ext_proc added p50 / ipc_router (shm) added p50",
+         lambda: latency_ratio("ext_proc", "ipc_router_shm"), ">=", 8.0),
+        ("LiteLLM added p50 / ipc_router (shm) added p50", lambda: latency_ratio("litellm", "ipc_router_shm"),
+         ">=", 100.0),
     ]  # fmt: skip
     out = []
     for text, compute, op, target in specs:
