@@ -50,7 +50,10 @@ def run_wrk(
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s:g}s"]
     cmd += ["-s", script, url]
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 30, check=False)
+    except subprocess.TimeoutExpired:  # wrk is killed; the configuration stopped answering (or the machine stalled)
+        raise LoadError(f"wrk -c{concurrency} did not finish within {seconds + 30:g}s") from None
     wall = time.perf_counter() - t0
     cpu = {role: sum(cpu_seconds(p) for p in ps) - cpu0[role] for role, ps in pids.items()}
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)

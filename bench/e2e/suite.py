@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     running: dict[str, Running] = {}
     backend: subprocess.Popen[bytes] | None = None
     runs: list[Run] = []
+    failures: list[str] = []
     host = machine()
     try:
         backend, ports = start_backend(responder, workdir)
@@ -125,7 +126,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for i in range(len(active)):
                 c = active[(rnd + i) % len(active)]
                 for conc in levels if rnd % 2 == 0 else reversed(levels):
-                    res = run_wrk(running[c.key].url, str(script), conc, args.seconds, running[c.key].processes)
+                    try:
+                        res = run_wrk(running[c.key].url, str(script), conc, args.seconds, running[c.key].processes)
+                    except LoadError as e:  # one bad run is a problem to report, not the end of the suite
+                        failures.append(f"{c.key} c={conc} round {rnd + 1}: {e}")
+                        print(f"round {rnd + 1}/{args.rounds} {c.key:<15} c={conc:<3} FAILED: {e}", flush=True)
+                        continue
                     runs.append(Run(c.key, conc, rnd, args.seconds, res))
                     print(
                         f"round {rnd + 1}/{args.rounds} {c.key:<15} c={conc:<3} p50 {res['p50_us']:>6} µs  "
@@ -138,7 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 r.stop()
             stop_process(backend)
             shutil.rmtree(workdir, ignore_errors=True)
-    problems = [
+    problems = failures + [
         f"{r.config} c={r.concurrency} round {r.round + 1}: {r.result['errors']} errors "
         f"(status {r.result['status']}, read {r.result['read']}, timeout {r.result['timeout']})"
         for r in runs
@@ -165,7 +171,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for c in wanted
         ],
-        "runs": [r.as_dict() for r in runs],
+        # A run that served nothing is reported as a problem and kept out of the figures.
+        "runs": [r.as_dict() for r in runs if r.result["requests"]],
         "problems": problems,
     }
     result["summary"] = summarise(result)
