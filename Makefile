@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit bench e2e-bench fuzz soak clean
+.PHONY: demo test lint typecheck unit bench bench-smoke bench-peers e2e-bench fuzz soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,7 +29,8 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -m 'not envoy'
 
-test: lint typecheck $(STAMP)
+# bench-smoke first, so that pytest's summary stays the last line of the output.
+test: lint typecheck bench-smoke $(STAMP)
 	$(BIN)/pytest -q
 
 # Fuzzing (docs/reliability.md): the seeded mutation fuzzer (sans-IO and a real sidecar over its socket), then
@@ -51,8 +52,26 @@ fuzz: $(STAMP)
 		echo "atheris does not install here: seeded generator only"; \
 	fi
 
-bench: $(STAMP)
-	$(BIN)/pytest -q bench --benchmark-enable --benchmark-only
+# The benchmark suite (bench/README.md). `make bench` is the full, manual run (~10 min, installs the peers into
+# their own venvs under bench/peers/); `make bench-smoke` runs every part briefly and checks it, inside `make test`.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench-peers:
+	PYTHON=$(PYTHON) bash bench/peers/install.sh
+
+bench: $(BENCH_STAMP) bench-peers
+	mkdir -p bench/results
+	$(BIN)/pytest -q bench --benchmark-enable --benchmark-only --benchmark-json=bench/results/micro.json
+	$(BIN)/python bench/route_throughput.py --json > bench/results/sidecar.json
+	$(BIN)/python -m bench.e2e.suite $(ARGS)
+
+bench-smoke: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider bench
+	$(BIN)/python bench/route_throughput.py --seconds 0.5 --latency-requests 500 --json >/dev/null
+	$(BIN)/python -m bench.e2e.suite --smoke
 
 e2e-bench: $(STAMP)
 	$(BIN)/python bench/e2e_latency.py

@@ -5,6 +5,7 @@
   Goal: <= 15 µs per request.
 * The same plus ``encode_response`` (what the server writes), and the ``/complete`` that follows (answer + metrics).
 * The protocol alone: ``Connection.feed`` of one whole request and ``encode_response`` of its answer.
+* The codec alone: msgpack decode of one ``/route`` message, encode of one answer.
 
 ``make bench`` runs them with timing; plain ``pytest bench`` runs each once as a smoke test. Every benchmark checks
 its result.
@@ -21,7 +22,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from ipc_router.filterapi import Config, config_from_dict
 from ipc_router.metrics import METER_NAME
-from ipc_router.protocol import MSGPACK, Connection, Request, encode_response
+from ipc_router.protocol import MSGPACK, Connection, Request, RouteMessage, decode_message, encode_body, encode_response
 from ipc_router.router import Routing
 from ipc_router.service import Response, Service
 
@@ -98,7 +99,7 @@ def test_handle_route_cached(benchmark: BenchmarkFixture, service: Service) -> N
     resp = benchmark(service.handle, req)
     assert isinstance(resp, Response)
     check_route_answer(resp)
-    assert service.stats.requests["route", "cached"] >= 1
+    assert service.stats.requests["route", "routed_from_cache"] >= 1
 
 
 def test_handle_route_cached_and_encode(benchmark: BenchmarkFixture, service: Service) -> None:
@@ -157,3 +158,23 @@ def test_full_request_path(benchmark: BenchmarkFixture, service: Service) -> Non
         return encode_response(resp.status, resp.body, resp.content_type, req.keep_alive)
 
     assert benchmark(one).startswith(b"HTTP/1.1 200 OK")
+
+
+def test_codec_decode_route_message(benchmark: BenchmarkFixture) -> None:
+    msg = benchmark(decode_message, ROUTE_BODY, MSGPACK, RouteMessage)
+    assert msg.headers[":path"] == "/v1/chat/completions"
+    assert msg.body == ROUTE_MESSAGE["body"]
+
+
+def test_codec_encode_route_answer(benchmark: BenchmarkFixture) -> None:
+    answer = {
+        "set": {
+            "x-ai-eg-model": "model-19",
+            "x-ai-eg-selected-route": "rule-19",
+            "x-ai-eg-original-path": "/v1/chat/completions",
+            "x-ai-eg-selected-backend": "backend-19-a",
+        },
+        "id": "1f2e-6a3b-42",
+    }
+    out = benchmark(encode_body, answer, MSGPACK)
+    assert msgpack.unpackb(out) == answer
