@@ -18,7 +18,7 @@ import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
 from ipc_router import shm
-from tests.shm_lua import ShmLua  # lupa's LuaJIT, JIT on, with ipc_router_shm.lua loaded
+from tests.support.shm_lua import ShmLua  # lupa's LuaJIT, JIT on, with ipc_router_shm.lua loaded
 
 N = 1000
 

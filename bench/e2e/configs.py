@@ -26,7 +26,7 @@ import yaml
 
 from ipc_router.envoy_config import SIDECAR_CLUSTER, lua_literal
 from ipc_router.filterapi import DEFAULT_SELECTED_ROUTE_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY
-from ipc_router.stack import Stack, StackError, free_port, read_tail, stop_process
+from ipc_router.tools.stack import Stack, StackError, free_port, read_tail, stop_process
 
 from .mix import API_KEY, MODELS
 
@@ -47,7 +47,7 @@ class Configuration:
     why: str
     kind: str  # a key of STARTERS
     sidecar_args: tuple[str, ...] = ()
-    #: Extra keyword arguments of ipc_router.stack.Stack (for a bootstrap option the fast path may add).
+    #: Extra keyword arguments of ipc_router.tools.stack.Stack (for a bootstrap option the fast path may add).
     stack_options: Mapping[str, Any] = field(default_factory=dict)
     #: Set while the configuration cannot run yet: the suite lists it as pending and skips it.
     pending: str | None = None
@@ -82,7 +82,7 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration(
         "ipc_router", 4, "Envoy + ipc_router (Unix socket)",
         "ipc_router without the fast path (--no-shm): its Lua filter, /route and /complete over the socket for "
-        "every request, default GenAI metrics exported to Prometheus (ipc_router.stack.Stack).",
+        "every request, default GenAI metrics exported to Prometheus (ipc_router.tools.stack.Stack).",
         "ipc_router", stack_options={"shm": False},
     ),
     Configuration(

@@ -18,7 +18,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ipc_router.stack import stop_process
+from ipc_router.tools.stack import stop_process
 
 from .configs import CONFIGURATIONS, STARTERS, World
 from .configs import write_config as write_ipc_config

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from ipc_router.stack import free_port, stop_process
+from ipc_router.tools.stack import free_port, stop_process
 
 from .configs import BENCH, CONFIGURATIONS, STARTERS, Running, SetupError, World, unavailable
 from .configs import write_config as write_ipc_config
