@@ -270,7 +270,7 @@ def test_fast_path_off_and_on_route_and_count_alike(backends: Backends, tmp_path
                 return {
                     t: sum(samples(text, "gen_ai_client_token_usage_sum", gen_ai_token_type=t))
                     for t in ("input", "output")
-                } | {"count": sum(samples(text, "gen_ai_server_request_duration_count"))}
+                } | {"count": sum(samples(text, "gen_ai_server_request_duration_seconds_count"))}
 
             expected_count = sum(n for (status, _), n in seen.items() if status in (200,))
             wait_until(lambda: totals()["count"] >= expected_count, timeout=5)

@@ -164,6 +164,42 @@ def test_a_reload_makes_old_entries_misses(rig: Rig) -> None:
     assert rig.request(body("gpt-4o-mini")).n_http == 1
 
 
+def test_a_reload_seen_by_another_request_while_body_yields_never_mixes_generations(rig: Rig) -> None:
+    """Found by the reload stress test (tests/test_e2e_shm_stress.py): the filter took the config before body()
+    yields, and a request of the same worker that refreshed to a new generation meanwhile made lookup() find a
+    rule index of that generation, which was then read with the old rules (here: "llama" instead of "gpt")."""
+    rig.request(body("gpt-4o-mini"))  # gpt learnt in generation 1 (rule index 2; 1 is llama)
+    reordered = config_from_dict(
+        {
+            "rules": [
+                {"name": "free", "headers": [{"name": "x-user-tier", "value": "free"}], "backends": [{"name": "c"}]},
+                {"name": "gpt", "headers": [{"name": "x-ai-eg-model", "value": "gpt-4o-mini"}],
+                 "backends": [{"name": "a"}]},
+            ]
+        }
+    )  # fmt: skip
+
+    def publish_and_learn() -> None:
+        routing = Routing(reordered, generation=2)
+        rig.service.routing = routing
+        rig.fast.publish(routing)
+        assert routing.cache is not None
+        key = shm.route_key(routing.cache.key_headers, {"x-ai-eg-model": "gpt-4o-mini"})
+        assert key is not None and rig.fast.segment.put_route(key, 1)  # gpt is rule 1 in generation 2
+
+    # Meanwhile another request of this Lua state (a hit in generation 2) refreshes it to generation 2.
+    other = rig.lua.table({"headers": HEADERS, "body": body("gpt-4o-mini"), "answer_error": "a hit was expected"})
+    meanwhile = rig.lua.rt.eval(
+        "function(H, f, pub, spec) return function() pub(); assert(H.run(f, 'on_request', spec).n_http == 0) end end"
+    )(rig.lua.H, rig.filter, publish_and_learn, other)
+    rec = rig.lua.run(rig.filter, "on_request", headers=HEADERS, body=body("gpt-4o-mini"), during_body=meanwhile,
+                      answer_error="a hit was expected")  # fmt: skip
+    assert rec.ok, rec.err
+    assert rec.n_http == 0, py(rec.logs)
+    store = py(rec.store)
+    assert (store[b"x-ai-eg-selected-route"], store[b"x-ai-eg-selected-backend"]) == (b"gpt", b"a")
+
+
 def test_the_completion_record_reaches_the_metrics(rig: Rig) -> None:
     rig.request(body("gpt-4o-mini"))
     hit = rig.request(body("gpt-4o-mini"))

@@ -1131,9 +1131,14 @@ local function route_fast(self, handle, cfg, path)
     local body = handle:body()
     local raw = body and body:getBytes(0, body:length()) or ""
     local headers = handle:headers() -- again: the wrapper died with the body() yield
-    local model = cfg.cacheable and fast.json.top_level_string(raw, "model")
+    -- body() yielded: meanwhile other requests of this worker may have refreshed the segment to a
+    -- new generation (lookup() then compares slots with that one) or dropped it. A rule index
+    -- must be read with the rules of the generation it was found in: take both as they are now.
+    local seg, now = fast.seg, fast.cfg
+    local model = seg and now and now.cacheable and fast.json.top_level_string(raw, "model")
     if model and model ~= "" then
-        local index = fast.seg:lookup(fast_key(cfg, headers, model))
+        cfg = now
+        local index = seg:lookup(fast_key(cfg, headers, model))
         local rule = index and cfg.rules[index + 1]
         if rule then
             local backend = pick(rule.picker)

@@ -41,7 +41,7 @@ local function copy(t)
 end
 
 -- spec: headers (map) or header_list (list of {name, value}, in order, names may repeat),
---       body (string|nil), answer {status=, body=, headers=} | answer_error (string),
+--       body (string|nil), during_body (function run while body() is suspended: other requests), answer {status=, body=, headers=} | answer_error (string),
 --       chunks (list of strings, response phase), metadata (map: namespace -> table)
 -- rec.list is the header map ({name, value} entries), rec.store name -> first value.
 function H.make(spec)
@@ -117,6 +117,7 @@ function H.make(spec)
   function handle:body()
     rec.body_calls = rec.body_calls + 1
     yield_point()
+    if spec.during_body then spec.during_body() end -- what other streams of this worker did meanwhile
     if spec.body == nil then return nil end
     local data = spec.body
     return {
