@@ -140,6 +140,13 @@ class Load:
         assert not any(th.is_alive() for th in self._threads), "a client thread hung"
         return self.results
 
+    def run(self) -> list[Result]:
+        """Start and wait for the bounds (time or count) to end it."""
+        self.start()
+        for th in self._threads:
+            th.join(self.max_seconds + self.timeout + 5)
+        return self.stop()
+
     def __enter__(self) -> Load:
         return self.start()
 

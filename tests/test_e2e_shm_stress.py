@@ -33,7 +33,6 @@ from tests.shm_e2e import (
     records,
     route_calls,
     stats,
-    usage_of,
     wait_for,
     write_atomically,
 )
@@ -283,8 +282,9 @@ def test_sidecar_killed_and_restarted_under_load(backends: Backends, tmp_path: P
             if r.status == 200:
                 expected = {"gpt-4o-mini": "b", "llama3.3": "a"}.get(r.model, "c")
                 if mode == "fail_open" and r in gap and r.model.startswith("mistral-"):
-                    expected = r.backend if r.backend in ("b", "c") else "b or c"  # the fallback rule (gpt: b)
-                assert r.backend == expected, (r.model, r.backend)
+                    assert r.backend in ("b", "c"), r.backend  # the fallback rule (gpt: b), or routed (c)
+                else:
+                    assert r.backend == expected, (r.model, r.backend)
         if mode == "fail_closed":
             # Hits kept being served from the segment; misses got the 503 while no sidecar answered.
             assert all(r.status == 503 for r in misses_in_gap if r.t_recv < t_restart)
@@ -343,4 +343,3 @@ def test_envoy_restart_resumes_the_fast_path(backends: Backends, tmp_path: Path)
         assert route_calls(after) == route_calls(before)
         assert records(after) == records(before) + n
         assert after["fast_path"]["claimed"] == 1 and after["fast_path"]["drops"] == 0
-        assert usage_of(Result(0, 0, "", 200, "b", r.body, False, "")) == (10, TOKENS)
