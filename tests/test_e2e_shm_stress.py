@@ -153,11 +153,15 @@ class Reloader:
         return out
 
 
-def test_reloads_in_a_tight_loop_under_load_route_nothing_wrong(backends: Backends, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reloads_in_a_tight_loop_under_load_route_nothing_wrong(
+    backends: Backends, tmp_path: Path, workers: int
+) -> None:
     path = tmp_path / "config.yaml"
     write_atomically(path, config(union_rules(), backends))
-    with Stack(str(path), metrics_port=free_port(), sidecar_args=["--reload-interval", "0.01"]) as s:
-        reloader = Reloader(s, path, backends, max_seconds=6.0, max_reloads=80)
+    with Stack(str(path), metrics_port=free_port(), sidecar_args=["--reload-interval", "0.01"],
+               envoy_concurrency=workers) as s:  # fmt: skip
+        reloader = Reloader(s, path, backends, max_seconds=5.0, max_reloads=80)
         reloader.switch(CONFIG_A)
         base = stats(s)
         base_metrics = metric_totals(s)
@@ -243,7 +247,7 @@ def test_sidecar_killed_and_restarted_under_load(backends: Backends, tmp_path: P
     path = tmp_path / "config.yaml"
     write_atomically(path, config(kill_rules(), backends))
     fallback = "gpt" if mode == "fail_open" else None
-    with Stack(str(path), failure_mode=mode, fallback_route=fallback) as s:
+    with Stack(str(path), failure_mode=mode, fallback_route=fallback, metrics_port=free_port()) as s:
         assert s.sidecar is not None
         for model in ("gpt-4o-mini", "llama3.3"):
             assert request(s.url, PATH, body(model)).status == 200  # the misses that fill the cache
@@ -307,6 +311,8 @@ def test_sidecar_killed_and_restarted_under_load(backends: Backends, tmp_path: P
         assert st, (stats(s), after_kill)
         assert records(st) <= answered + 2  # (+ the two warm-up requests): nothing counted twice
         assert st["fast_path"]["drops"] == 0
+        # ... and exported them: the new sidecar's histograms count exactly what it took.
+        assert wait_for(lambda: metric_totals(s)["count"] == records(stats(s)), timeout=5), (metric_totals(s), stats(s))
 
         # Back on the fast path: repeated keys make no round trip any more.
         for model in ("gpt-4o-mini", "llama3.3"):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,7 +44,9 @@ def _clear(backends: Backends) -> None:
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"concurrency{n}")
-def stack(request: pytest.FixtureRequest, backends: Backends, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, backends: Backends, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     rules = [
         model_rule("gpt", "gpt-4o-mini", "b"),
         model_rule("llama", "llama3.3", ("a", 3), ("b", 1)),

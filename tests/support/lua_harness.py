@@ -41,7 +41,8 @@ local function copy(t)
 end
 
 -- spec: headers (map) or header_list (list of {name, value}, in order, names may repeat),
---       body (string|nil), during_body (function run while body() is suspended: other requests), answer {status=, body=, headers=} | answer_error (string),
+--       body (string|nil), answer {status=, body=, headers=} | answer_error (string),
+--       during_body (function run while body() is suspended: what other streams do meanwhile),
 --       chunks (list of strings, response phase), metadata (map: namespace -> table)
 -- rec.list is the header map ({name, value} entries), rec.store name -> first value.
 function H.make(spec)
