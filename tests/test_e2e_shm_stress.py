@@ -29,6 +29,7 @@ from tests.shm_e2e import (
     PATH,
     Load,
     Result,
+    envoy_workers_with_connections,
     metric_totals,
     records,
     route_calls,
@@ -331,21 +332,27 @@ def test_sidecar_killed_and_restarted_under_load(backends: Backends, tmp_path: P
 def test_envoy_restart_resumes_the_fast_path(backends: Backends, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     write_atomically(path, config(kill_rules(), backends))
-    with Stack(str(path), metrics_port=free_port()) as s:
-        assert request(s.url, PATH, body("gpt-4o-mini")).status == 200
-        assert wait_for(lambda: stats(s)["fast_path"]["claimed"] == 1, timeout=5)
+    with Stack(str(path), metrics_port=free_port(), envoy_concurrency=2) as s:
+        for model in ("gpt-4o-mini", "llama3.3"):
+            assert request(s.url, PATH, body(model)).status == 200
+        assert wait_for(lambda: stats(s)["fast_path"]["claimed"] >= 1, timeout=5)
         stop_process(s.envoy)
-        # The kernel dropped the dead Envoy's ring lock with its file descriptors.
+        # The kernel dropped the dead Envoy's ring locks with its file descriptors.
         assert wait_for(lambda: stats(s)["fast_path"]["claimed"] == 0, timeout=5)
         s.start_envoy()
         before = stats(s)
-        n = 30
-        for _ in range(n):
-            r = request(s.url, PATH, body("gpt-4o-mini"))
-            assert r.status == 200 and r.headers["x-mock-backend"] == "b"
-        # The new Envoy's worker mapped the segment, found the route cached by the old one's request: no round trip.
+        n = 40
+        for i in range(n):  # a connection each: both new workers serve
+            model, backend = (("gpt-4o-mini", "b"), ("llama3.3", "a"))[i % 2]
+            r = request(s.url, PATH, body(model))
+            assert r.status == 200 and r.headers["x-mock-backend"] == backend
+        # The new Envoy's workers mapped the segment and found the routes the old one's requests cached: no round
+        # trip; each worker that served claimed a ring of its own, and every record came through one.
         after = wait_for(lambda: (x := stats(s)) and records(x) >= records(before) + n and x, timeout=5)
         assert after, stats(s)
         assert route_calls(after) == route_calls(before)
         assert records(after) == records(before) + n
-        assert after["fast_path"]["claimed"] == 1 and after["fast_path"]["drops"] == 0
+        assert after["records"].get("socket", 0) == before["records"].get("socket", 0)
+        served = [w for w, c in envoy_workers_with_connections(s).items() if c > 0]
+        assert after["fast_path"]["claimed"] == len(served) > 1, (after["fast_path"], served)
+        assert after["fast_path"]["drops"] == 0
