@@ -196,7 +196,10 @@ class Server:
     def start(self, timeout: float = 15.0) -> Server:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket, *self.args],
+                # The segment beside the socket, removed with the directory: stop() kills with SIGKILL, which
+                # leaves it behind (by design, for the next sidecar to adopt), and /dev/shm is RAM.
+                [sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket,
+                 "--shm-dir", str(self.dir), *self.args],  # fmt: skip
                 env=subprocess_env(),
                 cwd="/tmp",
                 stdout=log,
