@@ -107,7 +107,7 @@ def test_every_worker_that_served_claimed_its_own_ring(stack: Stack) -> None:
     assert len(served) > 1, served
     st = wait_for(lambda: (x := stats(stack)) and x["fast_path"]["claimed"] == len(served) and x, timeout=5)
     assert st, (stats(stack)["fast_path"], served)
-    rings = [r for r in st["fast_path"]["rings"] if r["claimed"]]
+    rings = [r for r in st["fast_path"]["rings"].values() if r["claimed"]]
     assert all(r["drained"] > 0 for r in rings)  # each of them carried records
 
 
@@ -156,7 +156,7 @@ def test_nothing_lost_under_load(stack: Stack) -> None:
     hits = n - (route_calls(st) - route_calls(base_stats))
     elapsed = max(r.t_recv for r in results) - min(r.t_send for r in results)
     print(f"concurrency {stack.envoy_concurrency}: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s), "
-          f"{hits} cache hits, rings {[r['drained'] for r in st['fast_path']['rings'] if r['claimed']]}")  # fmt: skip
+          f"{hits} cache hits, rings {[r['drained'] for r in st['fast_path']['rings'].values() if r['claimed']]}")  # fmt: skip
     assert st["fast_path"]["drops"] == 0
     assert st["records"].get("socket", 0) == base_stats["records"].get("socket", 0)
     assert records(st) - records(base_stats) == n
