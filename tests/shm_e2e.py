@@ -48,8 +48,10 @@ def route_calls(st: Mapping[str, Any]) -> int:
 
 
 def records(st: Mapping[str, Any]) -> int:
-    """Completion records the sidecar took, from rings and over /record."""
-    return int(st["records"].get("ring", 0)) + int(st["records"].get("socket", 0))
+    """Completions the sidecar recorded, from a /stats snapshot: records from the rings and over /record, and the
+    /complete calls of requests that took the socket path (no segment mapped at that moment)."""
+    complete = int(st["requests"].get("complete", {}).get("ok", 0))
+    return int(st["records"].get("ring", 0)) + int(st["records"].get("socket", 0)) + complete
 
 
 def write_atomically(path: Path, data: dict[str, Any]) -> None:

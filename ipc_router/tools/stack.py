@@ -73,6 +73,9 @@ class Stack:
     shm: bool = True
     #: The sidecar's ``--app-dir``: where its ``--router``/``--metrics`` modules are looked for first.
     app_dir: str | None = None
+    #: How long the Lua filter waits for a ``/route`` answer (the bootstrap's default: 250 ms). Load tests on a
+    #: shared machine raise it: a sidecar starved of CPU for a moment is not what they test.
+    route_timeout_ms: int = 250
 
     def __post_init__(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="ipr", dir="/tmp")  # short: socket paths must stay under 108 bytes
@@ -139,6 +142,7 @@ class Stack:
             fallback_route=self.fallback_route,
             passthrough=self.passthrough,
             shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
+            route_timeout_ms=self.route_timeout_ms,
         )
         return bootstrap(load_config(self.config), options)
 
