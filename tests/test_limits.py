@@ -53,7 +53,8 @@ class UncheckedServer(Server):
     def start(self, timeout: float = 15.0) -> UncheckedServer:
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket, *self.args],
+                [sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket,
+                 "--shm-dir", str(self.dir), *self.args],  # the segment dies with the directory (see Server)
                 env=test_server.subprocess_env(), cwd="/tmp", stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         poll(lambda: "ipc-router listening on" in self.output() or self.proc.poll() is not None, timeout=timeout)
