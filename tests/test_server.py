@@ -198,8 +198,10 @@ class Server:
             self.proc = subprocess.Popen(
                 # The segment beside the socket, removed with the directory: stop() kills with SIGKILL, which
                 # leaves it behind (by design, for the next sidecar to adopt), and /dev/shm is RAM.
-                [sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket,
-                 "--shm-dir", str(self.dir), *self.args],  # fmt: skip
+                [
+                    sys.executable, "-m", "ipc_router.cli", "serve", "--socket", self.socket,
+                    "--shm-dir", str(self.dir), *self.args,
+                ],
                 env=subprocess_env(),
                 cwd="/tmp",
                 stdout=log,
