@@ -80,8 +80,9 @@ def test_weighted_split_over_all_workers(stack: Stack, backends: Backends) -> No
         assert request(stack.url, PATH, body("llama3.3")).status == 200
     a, b = len(backends["a"].requests), len(backends["b"].requests)
     assert a + b == n
-    # Each worker's smooth round robin (and the sidecar's, for misses) is within 1/2 of 3:1 at any point.
-    assert abs(a - 0.75 * n) <= (stack.envoy_concurrency + 1) / 2, (a, b)
+    # Each worker's smooth round robin (a a b a ...), and the sidecar's for misses, is within 3/4 of 3:1 over any
+    # run of consecutive picks, wherever in its cycle it starts.
+    assert abs(a - 0.75 * n) <= 0.75 * (stack.envoy_concurrency + 1), (a, b)
 
 
 def test_errors_are_openai_json(stack: Stack) -> None:
