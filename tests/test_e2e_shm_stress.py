@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from ipc_router.stack import Stack, free_port, stop_process
-from tests.e2e import Backends, model_rule, request, start_backends
-from tests.shm_e2e import (
+from ipc_router.tools.stack import Stack, free_port, stop_process
+from tests.support.e2e import Backends, model_rule, request, start_backends
+from tests.support.shm_e2e import (
     PATH,
     Load,
     Result,

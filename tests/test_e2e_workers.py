@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from ipc_router.stack import Stack, free_port
-from tests.e2e import Backends, chat, iter_sse, model_rule, request, start_backends, write_config
-from tests.shm_e2e import (
+from ipc_router.tools.stack import Stack, free_port
+from tests.support.e2e import Backends, chat, iter_sse, model_rule, request, start_backends, write_config
+from tests.support.shm_e2e import (
     PATH,
     Load,
     envoy_workers_with_connections,

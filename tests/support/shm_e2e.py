@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from ipc_router.stack import Stack
-from tests.e2e import samples, scrape
+from ipc_router.tools.stack import Stack
+from tests.support.e2e import samples, scrape
 
 PATH = "/v1/chat/completions"
 
