@@ -358,7 +358,8 @@ class Sidecar:
             except Exception:  # a bug here must not stop the draining for good
                 log.exception("draining the completion rings failed")
                 n = 0
-            await asyncio.sleep(0 if n >= 65536 else interval)
+            # Busy rings are drained again at once (other tasks still run in between); idle ones every interval.
+            await asyncio.sleep(0 if n >= 64 else interval)
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 

@@ -160,6 +160,8 @@ def test_nothing_lost_under_load(stack: Stack) -> None:
     per_ring = [r["drained"] for r in st["fast_path"]["rings"].values() if r["claimed"]]
     print(f"concurrency {stack.envoy_concurrency}: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s), "
           f"{hits} cache hits, records per ring {per_ring}")  # fmt: skip
-    assert st["fast_path"]["drops"] == 0
-    assert st["records"].get("socket", 0) == base_stats["records"].get("socket", 0)
+    # A full ring never loses a record: whatever a ring could not take (a starved sidecar drains late on this
+    # shared machine; the bench measures how often at speed) came over /record instead, and nothing was counted twice.
+    dropped = st["fast_path"]["drops"] - base_stats["fast_path"]["drops"]
+    assert st["records"].get("socket", 0) - base_stats["records"].get("socket", 0) == dropped
     assert records(st) - records(base_stats) == n
