@@ -3,8 +3,6 @@ cache (the issue's reproduction: a rule on a header the router does not declare,
 
 from __future__ import annotations
 
-import json
-import socket
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 import pytest
 
 from ipc_router.tools.stack import Stack
-from tests.support.e2e import Backends, chat, model_rule, request, start_backends, write_config
+from tests.support.e2e import Backends, chat, model_rule, request, sidecar_stats, start_backends, write_config
 from tests.test_readme import _examples
 
 pytestmark = pytest.mark.envoy
@@ -58,7 +56,7 @@ def test_a_header_the_router_does_not_declare_never_leaks_through_the_cache(stac
     assert backend_of(stack, {"x-user-tier": "paid"}) == "gpt"
     # ... and the cache did answer: the repeated keys were served from it, under the joined key (on the fast path
     # by the filter from the shared segment, so the sidecar saw only the four first requests of each key)
-    stats = sidecar_stats(stack)
+    stats = sidecar_stats(stack.socket)
     if stack.shm:
         assert stats["requests"]["route"] == {"routed_by_router": 4}
     else:
@@ -66,16 +64,3 @@ def test_a_header_the_router_does_not_declare_never_leaks_through_the_cache(stac
     assert stats["plugins"]["router"] == "my_router:TenantRouter"
 
 
-def sidecar_stats(stack: Stack) -> dict[str, Any]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(stack.socket)
-    try:
-        s.sendall(b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    finally:
-        s.close()
-    stats: dict[str, Any] = json.loads(raw.partition(b"\r\n\r\n")[2])
-    return stats

@@ -26,6 +26,7 @@ from tests.support.e2e import (
     request,
     samples,
     scrape,
+    sidecar_stats,
     start_backends,
     wait_until,
     write_config,
@@ -62,23 +63,7 @@ def rules() -> list[dict[str, Any]]:
 
 
 def stats(s: Stack) -> dict[str, Any]:
-    """The sidecar's /stats, over its socket."""
-    import http.client
-    import socket
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(5)
-            self.sock.connect(s.socket)
-
-    conn = UnixConnection("sidecar")
-    try:
-        conn.request("GET", "/stats")
-        data: dict[str, Any] = json.loads(conn.getresponse().read())
-        return data
-    finally:
-        conn.close()
+    return sidecar_stats(s.socket)
 
 
 def route_calls(s: Stack) -> int:

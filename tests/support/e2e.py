@@ -153,3 +153,22 @@ def iter_sse(body: bytes) -> Iterator[dict[str, Any]]:
     for line in body.split(b"\n"):
         if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
             yield json.loads(line[6:])
+
+
+def sidecar_stats(socket_path: str) -> dict[str, Any]:
+    """The sidecar's ``GET /stats`` over its Unix socket."""
+    import socket
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(socket_path)
+
+    conn = UnixConnection("sidecar")
+    try:
+        conn.request("GET", "/stats")
+        data: dict[str, Any] = json.loads(conn.getresponse().read())
+        return data
+    finally:
+        conn.close()

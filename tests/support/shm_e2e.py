@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import socket
 import threading
 import time
 import urllib.request
@@ -19,27 +18,14 @@ from typing import Any
 import yaml
 
 from ipc_router.tools.stack import Stack
-from tests.support.e2e import samples, scrape
+from tests.support.e2e import samples, scrape, sidecar_stats
 
 PATH = "/v1/chat/completions"
 
 
 def stats(s: Stack) -> dict[str, Any]:
     """The sidecar's /stats, over its socket."""
-
-    class UnixConnection(http.client.HTTPConnection):
-        def connect(self) -> None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(5)
-            self.sock.connect(s.socket)
-
-    conn = UnixConnection("sidecar")
-    try:
-        conn.request("GET", "/stats")
-        data: dict[str, Any] = json.loads(conn.getresponse().read())
-        return data
-    finally:
-        conn.close()
+    return sidecar_stats(s.socket)
 
 
 def route_calls(st: Mapping[str, Any]) -> int:

@@ -20,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from ipc_router.tools.stack import Stack, free_port
-from tests.support.e2e import Backends, chat, model_rule, samples, scrape, start_backends, wait_until, write_config
+from tests.support.e2e import (
+    Backends,
+    chat,
+    model_rule,
+    samples,
+    scrape,
+    sidecar_stats,
+    start_backends,
+    wait_until,
+    write_config,
+)
 
 MODELS = ("soak-a", "soak-b", "soak-c")
 
@@ -79,23 +89,6 @@ def _proc(pid: int) -> tuple[int, int]:
             if line.startswith("VmRSS:"):
                 rss = int(line.split()[1])
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def _stats(stack: Stack) -> dict[str, Any]:
-    import socket
-
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(stack.socket)
-    try:
-        s.sendall(b"GET /stats HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        raw = b""
-        while chunk := s.recv(65536):
-            raw += chunk
-    finally:
-        s.close()
-    data: dict[str, Any] = json.loads(raw.split(b"\r\n\r\n", 1)[1])
-    return data
 
 
 def _rules(flip: bool) -> list[dict[str, Any]]:
@@ -192,7 +185,7 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
             text = scrape(stack.metrics_url)
             fig.output_tokens_recorded = sum(samples(text, "gen_ai_client_token_usage_sum", gen_ai_token_type="output"))
             fig.rss_end_kib, fig.fds_end = _proc(stack.sidecar.pid)
-            st = _stats(stack)
+            st = sidecar_stats(stack.socket)
             fig.in_flight_end = int(st["in_flight"])
             fig.ring_drops = int((st.get("fast_path") or {}).get("drops", 0))
             fig.records_by_source = dict(st.get("records", {}))
