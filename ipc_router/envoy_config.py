@@ -290,11 +290,12 @@ def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwar
         raise TypeError("bootstrap() takes a BootstrapOptions or keyword options, not both")
     opts = check_options(config, options)
     lua_code = lua_config(config, opts)
-    clusters, backend_clusters, creds = cluster_list(config, opts)
+    clusters, backend_clusters = cluster_list(config, opts)
     hcm = http_connection_manager(opts, route_list(config, opts, backend_clusters), lua_code)
     out: dict[str, Any] = {"static_resources": {"listeners": [listener(opts, hcm)], "clusters": clusters}}
     if opts.admin is not None:
         out["admin"] = {"address": _socket_address(opts.admin, "admin")}
+    creds = upstreams.credentials_by_cluster(config, backend_clusters)
     upstreams.add_to_bootstrap(out, creds, opts.sds_dir, opts.cds_path)
     return out
 
@@ -352,13 +353,11 @@ def lua_config(config: Config, options: BootstrapOptions) -> str:
     return lua_loader(source, conf, modules)
 
 
-def cluster_list(
-    config: Config, options: BootstrapOptions
-) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, Credential]]:
+def cluster_list(config: Config, options: BootstrapOptions) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """All clusters (the sidecar's, one per backend with its credential filters, one per failover rule, the
-    passthrough; with ``cds_path`` the backend and failover clusters are left to the CDS file), the cluster name of
-    each backend, and the credentials by cluster."""
-    clusters, creds = upstream_clusters(
+    passthrough; with ``cds_path`` the backend and failover clusters are left to the CDS file), and the cluster
+    name of each backend."""
+    clusters, _ = upstream_clusters(
         config,
         tls_verify=options.tls_verify,
         tls_ca_file=options.tls_ca_file,
@@ -372,7 +371,7 @@ def cluster_list(
         scheme, host, port = _parse_endpoint(options.passthrough, "passthrough")
         ca = (options.tls_ca_file or _system_ca_file()) if scheme == "https" and options.tls_verify else None
         clusters.append(_backend_cluster(PASSTHROUGH_CLUSTER, scheme, host, port, ca))
-    return [_sidecar_cluster(options.socket_path), *clusters], backend_clusters, creds
+    return [_sidecar_cluster(options.socket_path), *clusters], backend_clusters
 
 
 def upstream_clusters(
