@@ -399,6 +399,8 @@ def cluster_routes(config: Config, upstream: Mapping[str, Any]) -> list[dict[str
             "name": "by_cluster",
             "match": {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "present_match": True}]},
             "route": {"cluster_header": CLUSTER_HEADER, **upstream},
+            # Only failover routes say who served; a backend cannot pretend to be another one.
+            "response_headers_to_remove": [SERVED_BACKEND_HEADER],
         }
     )
     return routes

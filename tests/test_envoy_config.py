@@ -134,6 +134,7 @@ def test_example_routes_in_order() -> None:
     assert by_cluster["route"] == {
         "cluster_header": "x-ai-eg-selected-cluster", "timeout": "0s", "idle_timeout": "300s"
     }  # fmt: skip
+    assert by_cluster["response_headers_to_remove"] == ["x-ai-eg-served-backend"]  # only failover routes say it
 
     # Per rule: only the rule header; weights for several backends, a plain cluster for one.
     llama = routes[2]
