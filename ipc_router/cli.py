@@ -53,6 +53,9 @@ _HELP = {
     "shm": "shared-memory fast path: cached routes and completion records without a socket round trip",
     "shm_dir": "directory of the shared-memory segment (a tmpfs; in a pod, the emptyDir shared with Envoy)",
     "shm_drain_interval": "seconds between drains of the completion rings",
+    "cds_path": "write Envoy's backend clusters to this file on every config load (file-based CDS; the bootstrap "
+    "from envoy-config --cds-path reads it): new backends without an Envoy restart",
+    "sds_dir": "with --cds-path: directory of the clusters' credential SDS files (as envoy-config --sds-dir)",
 }
 _APP_DIR_HELP = _HELP["app_dir"] + " (default: the working directory)"
 
@@ -188,11 +191,14 @@ def _run_async(awaitable: Any) -> Decision:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from ipc_router.envoy_config import DEFAULT_LLM_PATHS, BootstrapOptions, bootstrap, render
+    from ipc_router.envoy_config import DEFAULT_LLM_PATHS, BootstrapOptions, bootstrap, render, upstream_clusters
+    from ipc_router.envoy_upstreams import write_cds, write_sds_files
     from ipc_router.fastpath import segment_path
 
     try:
         config = load_config(args.config)
+        if args.sds_dir is not None:
+            write_sds_files(config, args.sds_dir, all_sds=args.cds_path is not None)
         options = BootstrapOptions(
             socket_path=args.socket,
             listen=args.listen,
@@ -203,9 +209,13 @@ def _envoy_config(args: argparse.Namespace) -> int:
             llm_paths=args.llm_path or DEFAULT_LLM_PATHS,
             route_timeout_ms=args.route_timeout_ms,
             shm_path=segment_path(args.socket, args.shm_dir) if args.shm else None,
+            sds_dir=args.sds_dir,
+            cds_path=args.cds_path,
         )
         doc = bootstrap(config, options)
-    except (ConfigError, ValueError) as e:
+        if args.cds_path is not None:
+            write_cds(args.cds_path, upstream_clusters(config, sds_dir=args.sds_dir, all_sds=True)[0])
+    except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(render(doc))
@@ -266,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the shared-memory fast path (as the sidecar's --shm; default: on)",
     )  # fmt: skip
     envoy.add_argument("--shm-dir", default="/dev/shm", help="as the sidecar's --shm-dir (default: /dev/shm)")
+    envoy.add_argument(
+        "--sds-dir", help="directory to write the SDS files for keys read from files (apiKey: {filename: ...}) into; "
+        "needed only then, and must be readable by Envoy at that path",
+    )  # fmt: skip
+    envoy.add_argument(
+        "--cds-path", help="backend clusters from this file (file-based CDS), written now and by the sidecar "
+        "(serve --cds-path, same --sds-dir) on every config load: new backends without an Envoy restart",
+    )  # fmt: skip
     envoy.set_defaults(func=_envoy_config)
 
     from ipc_router.tools.mock_backend import DESCRIPTION, add_arguments

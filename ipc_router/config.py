@@ -23,6 +23,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ipc_router.credentials import Credential, CredentialError, parse_auth
+
 RouteRuleName: TypeAlias = str
 
 DEFAULT_MODEL_NAME_HEADER_KEY = "x-ai-eg-model"
@@ -82,8 +84,12 @@ class Backend:
     #: ``http(s)://host[:port]`` for the Envoy bootstrap generator (see :func:`parse_endpoint`); ``None`` when
     #: Envoy's clusters are hand-written.
     endpoint: str | None = None
-    #: The backend's ``auth`` section, kept as given (for the upstream's own use; ipc_router does not inject it).
+    #: The backend's ``auth`` section, kept as given.
     auth: Mapping[str, Any] | None = field(default=None, compare=False, repr=False)
+    #: What Envoy injects toward this backend, read from ``auth`` (see :mod:`ipc_router.credentials`).
+    credential: Credential | None = field(default=None, compare=False, repr=False)
+    #: Failover order within a rule (0 first); a rule whose backends have several priorities fails over.
+    priority: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +99,11 @@ class RouteRule:
     backends: tuple[Backend, ...] = ()
     models_owned_by: str = "Envoy AI Gateway"
     models_created_at: str | None = None
+
+    @property
+    def failover(self) -> bool:
+        """The backends are tried in ``priority`` order (Envoy retries the next on failure) instead of split."""
+        return len({b.priority for b in self.backends if b.weight > 0}) > 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,22 +197,21 @@ def parse_endpoint(endpoint: str) -> Endpoint:
 
 
 def not_in_bootstrap(started: Config, new: Config) -> Iterator[str]:
-    """What ``new`` routes to that a bootstrap generated from ``started`` has no route or cluster for: rules,
-    backends, and (rule, backend) pairs, described for a log line."""
-    rules = {r.name for r in started.rules}
-    pairs = {(r.name, b.name) for r in started.rules for b in r.backends if b.weight > 0}
-    backends = {b for _, b in pairs}
+    """What ``new`` routes to that a bootstrap generated from ``started`` has no cluster for, described for a log
+    line: backends that had no cluster, and failover rules whose backends or order changed. New rules over
+    existing backends need nothing: Envoy routes on the cluster header the sidecar sets."""
+    backends = {b.name for r in started.rules for b in r.backends if b.weight > 0}
+    orders = {r.name: _failover_order(r) for r in started.rules if r.failover}
     for r in new.rules:
-        if r.name not in rules:
-            yield f"rule {r.name!r} is new"
-            continue
         for b in r.backends:
-            if b.weight <= 0 or (r.name, b.name) in pairs:
-                continue
-            if b.name not in backends:
+            if b.weight > 0 and b.name not in backends:
                 yield f"backend {b.name!r} of rule {r.name!r} is new"
-            else:
-                yield f"backend {b.name!r} is new in rule {r.name!r}"
+        if r.failover and orders.get(r.name) != _failover_order(r):
+            yield f"failover rule {r.name!r} is new or changed its backends"
+
+
+def _failover_order(r: RouteRule) -> tuple[str, ...]:
+    return tuple(b.name for b in sorted((b for b in r.backends if b.weight > 0), key=lambda b: b.priority))
 
 
 def _schema_dict(s: VersionedAPISchema) -> dict[str, str]:
@@ -219,6 +229,8 @@ def _rule_dict(r: RouteRule) -> dict[str, Any]:
         d["modelsCreatedAt"] = r.models_created_at
     for b in r.backends:
         bd: dict[str, Any] = {"name": b.name, "schema": _schema_dict(b.schema), "weight": b.weight}
+        if b.priority:
+            bd["priority"] = b.priority
         if b.endpoint is not None:
             bd["endpoint"] = b.endpoint
         if b.auth is not None:
@@ -365,6 +377,17 @@ class _Reader:
         for i, n in enumerate(names):
             if n in names[:i]:
                 raise self.fail(f"{path}.backends[{i}].name", f"duplicate backend name {n!r} in this rule")
+        levels: dict[int, int] = {}
+        for i, b in enumerate(backends):
+            if b.weight <= 0:
+                continue
+            if b.priority in levels and len({x.priority for x in backends if x.weight > 0}) > 1:
+                raise self.fail(
+                    f"{path}.backends[{i}].priority",
+                    f"priority {b.priority} is also backends[{levels[b.priority]}]'s: a failover rule takes one "
+                    "backend per priority",
+                )
+            levels.setdefault(b.priority, i)
         created = m.get("modelsCreatedAt")
         return RouteRule(
             name=name,
@@ -394,7 +417,7 @@ class _Reader:
 
     def backend(self, raw: Any, path: str) -> Backend:
         m = self.mapping(raw, path)
-        self.known(m, path, ("name", "schema", "weight", "endpoint", "auth"))
+        self.known(m, path, ("name", "schema", "weight", "endpoint", "auth", "priority"))
         name = self.string(m, "name", path)
         if not name:
             raise self.fail(f"{path}.name", "must not be empty")
@@ -409,15 +432,25 @@ class _Reader:
                 parse_endpoint(endpoint)
             except ValueError as e:
                 raise self.fail(f"{path}.endpoint", str(e)) from None
+        priority = m.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int) or priority < 0:
+            raise self.fail(f"{path}.priority", f"expected an integer >= 0, got {priority!r}")
         auth = m.get("auth")
+        credential = None
         if auth is not None:
             auth = self.mapping(auth, f"{path}.auth")
+            try:
+                credential = parse_auth(auth)
+            except CredentialError as e:  # its message never quotes the secret
+                raise self.fail(".".join(p for p in (f"{path}.auth", e.path) if p), e.message) from None
         return Backend(
             name=name,
             schema=self.schema(m.get("schema"), f"{path}.schema"),
             weight=weight,
             endpoint=endpoint,
             auth=auth,
+            credential=credential,
+            priority=priority,
         )
 
     def cost(self, raw: Any, path: str) -> LLMRequestCost:

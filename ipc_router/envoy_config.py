@@ -38,7 +38,9 @@ from typing import Any
 
 import yaml
 
+from ipc_router import envoy_upstreams as upstreams
 from ipc_router.config import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
+from ipc_router.credentials import Credential
 
 __all__ = [
     "FAILURE_MODES",
@@ -250,6 +252,11 @@ class BootstrapOptions:
     :param shm_path: the sidecar's shared-memory segment (``ipc_router.fastpath.segment_path``); the filter then
         serves cached routes itself and writes completion records into rings. ``None``: every request asks the
         sidecar over the socket.
+    :param sds_dir: where the SDS files for keys read from files go (:func:`ipc_router.envoy_upstreams.sds_files`
+        writes them); needed only when a backend's ``auth`` names a file, or with ``cds_path``.
+    :param cds_path: backend clusters from this file (file-based CDS) instead of the bootstrap; the sidecar
+        (``serve --cds-path``) writes it from each config it loads, so new backends need no Envoy restart. All
+        credentials are then SDS files in ``sds_dir``.
     """
 
     socket_path: str
@@ -268,6 +275,8 @@ class BootstrapOptions:
     access_log: bool = False
     passthrough: str | None = None
     shm_path: str | None = None
+    sds_dir: str | None = None
+    cds_path: str | None = None
 
 
 def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwargs: Any) -> dict[str, Any]:
@@ -286,6 +295,8 @@ def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwar
     out: dict[str, Any] = {"static_resources": {"listeners": [listener(opts, hcm)], "clusters": clusters}}
     if opts.admin is not None:
         out["admin"] = {"address": _socket_address(opts.admin, "admin")}
+    creds = upstreams.credentials_by_cluster(config, backend_clusters)
+    upstreams.add_to_bootstrap(out, creds, opts.sds_dir, opts.cds_path)
     return out
 
 
@@ -331,6 +342,7 @@ def lua_config(config: Config, options: BootstrapOptions) -> str:
         "fallback_route": options.fallback_route,
         "route_header": config.selected_route_header_key,
         "backend_header": SELECTED_BACKEND_HEADER_KEY,
+        "cluster_header": upstreams.CLUSTER_HEADER,
         "llm_paths": list(options.llm_paths),
     }
     modules: dict[str, str] = {}
@@ -342,10 +354,19 @@ def lua_config(config: Config, options: BootstrapOptions) -> str:
 
 
 def cluster_list(config: Config, options: BootstrapOptions) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """All clusters (the sidecar's, one per backend, the passthrough), and the cluster name of each backend."""
-    clusters, backend_clusters = _backend_clusters(
-        config, tls_verify=options.tls_verify, tls_ca_file=options.tls_ca_file
+    """All clusters (the sidecar's, one per backend with its credential filters, one per failover rule, the
+    passthrough; with ``cds_path`` the backend and failover clusters are left to the CDS file), and the cluster
+    name of each backend."""
+    clusters, _ = upstream_clusters(
+        config,
+        tls_verify=options.tls_verify,
+        tls_ca_file=options.tls_ca_file,
+        sds_dir=options.sds_dir,
+        all_sds=options.cds_path is not None,
     )
+    backend_clusters = {b.name: cluster_name(b.name) for r in config.rules for b in r.backends if b.weight > 0}
+    if options.cds_path is not None:
+        clusters = []
     if options.passthrough is not None:
         scheme, host, port = _parse_endpoint(options.passthrough, "passthrough")
         ca = (options.tls_ca_file or _system_ca_file()) if scheme == "https" and options.tls_verify else None
@@ -353,8 +374,36 @@ def cluster_list(config: Config, options: BootstrapOptions) -> tuple[list[dict[s
     return [_sidecar_cluster(options.socket_path), *clusters], backend_clusters
 
 
+def upstream_clusters(
+    config: Config,
+    *,
+    tls_verify: bool = True,
+    tls_ca_file: str | None = None,
+    sds_dir: str | None = None,
+    all_sds: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Credential]]:
+    """The backend clusters (with their endpoint metadata and credential filters) and the failover clusters of
+    ``config``, and the credentials by cluster name. ``all_sds``: inline keys by SDS files too (file-based CDS,
+    where clusters come and go after the bootstrap's static secrets were fixed)."""
+    clusters, backend_clusters = _backend_clusters(config, tls_verify=tls_verify, tls_ca_file=tls_ca_file)
+    creds = upstreams.credentials_by_cluster(config, backend_clusters)
+    by_cluster = {c: b for b, c in backend_clusters.items()}
+    for c in clusters:
+        c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"] = upstreams.endpoint_metadata(
+            by_cluster[c["name"]]
+        )
+        options = upstreams.upstream_options(c["name"], creds.get(c["name"]), sds_dir, all_sds)
+        if options is not None:
+            c["typed_extension_protocol_options"] = options
+    clusters += [
+        upstreams.failover_cluster(r, backend_clusters, creds, sds_dir, all_sds) for r in config.rules if r.failover
+    ]
+    return clusters, creds
+
+
 def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapping[str, str]) -> list[dict[str, Any]]:
-    """The routes, in match order: ``/v1/models``, (rule, backend), rule, passthrough, ``no_route``."""
+    """The routes, in match order: ``/v1/models``, failover rules, the cluster header, rule, passthrough,
+    ``no_route``."""
     route_header = config.selected_route_header_key
     upstream = {
         "timeout": _duration(options.upstream_timeout_s, "upstream_timeout_s"),
@@ -367,25 +416,17 @@ def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapp
             "route": {"cluster": SIDECAR_CLUSTER, "timeout": "5s"},
         }
     ]
-    for rule in config.rules:
-        for b in rule.backends:
-            if b.weight > 0:
-                routes.append(
-                    {
-                        "name": f"{rule.name}/{b.name}",
-                        "match": {
-                            "prefix": "/",
-                            "headers": [_exact(route_header, rule.name), _exact(SELECTED_BACKEND_HEADER_KEY, b.name)],
-                        },
-                        "route": {"cluster": backend_clusters[b.name], **upstream},
-                    }
-                )
+    # The sidecar and the filter name the cluster: a new rule over existing backends needs no route.
+    routes += upstreams.cluster_routes(config, upstream)
     for rule in config.rules:
         live = [b for b in rule.backends if b.weight > 0]
         if not live:
             continue
         target: dict[str, Any]
-        if len(live) == 1:
+        if rule.failover:
+            name = upstreams.failover_cluster_name(rule.name)
+            target = {"cluster": name, "retry_policy": upstreams.retry_policy(rule)}
+        elif len(live) == 1:
             target = {"cluster": backend_clusters[live[0].name]}
         else:
             target = {
@@ -398,6 +439,7 @@ def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapp
                 "name": rule.name,
                 "match": {"prefix": "/", "headers": [_exact(route_header, rule.name)]},
                 "route": {**target, **upstream},
+                **({"response_headers_to_add": [upstreams.served_header()]} if rule.failover else {}),
             }
         )
     if options.passthrough is not None:
@@ -432,6 +474,8 @@ def http_connection_manager(
         "route_config": {
             "name": "ipc_router",
             "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": list(routes)}],
+            # Clusters from a file-based CDS are not known when the static routes are checked.
+            **({"validate_clusters": False} if options.cds_path is not None else {}),
         },
         "http_filters": [
             {

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Backend
+from ipc_router.envoy_upstreams import CLUSTER_HEADER, cluster_map
 from ipc_router.ledger import Completion, Ledger
 from ipc_router.protocol import RecordMessage
 from ipc_router.router import Decision, Routing
@@ -56,6 +57,7 @@ class FastPath:
         """Make ``routing`` the generation the filter serves from (a reload, or the start)."""
         config = routing.config
         cache = routing.cache
+        clusters = cluster_map(config)
         # An async router may still be cached; a router without cache_key_headers never is.
         blob: dict[str, Any] = {
             "generation": self.segment.generation + 1,
@@ -65,8 +67,17 @@ class FastPath:
             "route_header": config.selected_route_header_key,
             "backend_header": SELECTED_BACKEND_HEADER_KEY,
             "path_header": ORIGINAL_PATH_HEADER_KEY,
+            "cluster_header": CLUSTER_HEADER,
             "rules": [
-                {"name": r.name, "backends": [{"name": b.name, "weight": b.weight} for b in r.backends]}
+                {
+                    "name": r.name,
+                    # A failover rule's decision is its first backend (as Routing picks it).
+                    "backends": [
+                        {"name": b.name, "weight": b.weight, "cluster": clusters[r.name, b.name]}
+                        for b in ([min(r.backends, key=lambda b: (b.weight <= 0, b.priority))] if r.failover
+                                  else r.backends)
+                    ],
+                }
                 for r in config.rules
             ],
             "record_headers": _names_or_all(self.ledger.record_header_names()),
@@ -111,7 +122,11 @@ class FastPath:
 
     def record(self, msg: RecordMessage) -> None:
         """One completion (from a ring, or ``/record``)."""
-        self.ledger.record(completion_of(msg, self._backends))
+        completion = completion_of(msg, self._backends)
+        if msg.served is not None:
+            served = self._backends.get(msg.served) or Backend(name=msg.served)
+            completion.backend = self.ledger.served_by(completion.backend, served)
+        self.ledger.record(completion)
 
     def stop(self) -> int:
         """The sidecar stops: the filter goes back to the socket; what the rings still hold is recorded."""

@@ -52,6 +52,8 @@ class Stats:
     unknown_completions: int = 0
     #: Completions taken from shared-memory rings / from ``/record``.
     records: Counter[str] = field(default_factory=Counter)
+    #: Requests of failover rules that another backend than the first answered, by (first, served).
+    fallbacks: Counter[tuple[str, str]] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -152,11 +154,19 @@ class Ledger:
             return key
         metrics = self._begin(headers, model, backend, t)
         if metrics is not None:
-            self._track(key, _InFlight(metrics, self.attributes(headers), expires))
+            self._track(key, _InFlight(metrics, self.attributes(headers), expires, backend=backend))
         return key
 
     def complete(
-        self, key: str, status: int, first: float | None, end: float, stream: bool, body: bytes, truncated: bool
+        self,
+        key: str,
+        status: int,
+        first: float | None,
+        end: float,
+        stream: bool,
+        body: bytes,
+        truncated: bool,
+        served: Backend | None = None,
     ) -> Callable[[], None] | None:
         """The request ``key`` ended. Returns the recording to run once the filter has its answer (``None`` for an
         unknown id: expired, evicted, or never issued)."""
@@ -166,17 +176,30 @@ class Ledger:
             return None
 
         metrics = entry.metrics
+        backend = self.served_by(entry.backend, served)
         if metrics is None:
-            done = Completion(entry.attrs, entry.model, entry.backend, status, stream, entry.start, first, end, body,
+            done = Completion(entry.attrs, entry.model, backend, status, stream, entry.start, first, end, body,
                               truncated)  # fmt: skip
             return lambda: self._aggregate(done, entry.attrs)
 
         def record() -> None:
+            if backend is not entry.backend and backend is not None:
+                try:  # a failover: the metrics learn the backend that answered (set_backend once more)
+                    metrics.set_backend(backend)
+                except Exception:
+                    self._metrics_failed()
             self._finish(metrics, entry.attrs, status, first, end, stream, body, truncated)
 
         return record
 
     # --- self-contained completions -------------------------------------------------------------------------------
+
+    def served_by(self, chosen: Backend | None, served: Backend | None) -> Backend | None:
+        """The backend to record: ``served`` when Envoy failed over to it (counted), else ``chosen``."""
+        if served is None or (chosen is not None and served.name == chosen.name):
+            return chosen
+        self.stats.fallbacks[(chosen.name if chosen is not None else "", served.name)] += 1
+        return served
 
     def record(self, c: Completion) -> None:
         """Record a completion that carries its own start (a ring record, or ``/record``). Never raises."""

@@ -254,6 +254,8 @@ class CompleteMessage(msgspec.Struct):
     stream: bool = False
     body: bytes = b""
     truncated: bool = False
+    #: The backend that answered, when Envoy failed over to another than the decision's (a failover rule).
+    served: str | None = None
 
 
 class CompleteMessageJSON(CompleteMessage):
@@ -276,6 +278,8 @@ class RecordMessage(msgspec.Struct):
     truncated: bool = False
     headers: _Headers = msgspec.field(default_factory=dict)
     body: bytes = b""
+    #: As :attr:`CompleteMessage.served`.
+    served: str | None = None
 
 
 class RecordMessageJSON(RecordMessage):

@@ -157,6 +157,10 @@ class WeightedPicker:
         return self._next()
 
 
+def _failover_key(b: Backend) -> tuple[bool, int]:
+    return (b.weight <= 0, b.priority)
+
+
 def _smooth_wrr(backends: Sequence[Backend], weights: Sequence[int]) -> Iterator[Backend]:
     current = [0] * len(weights)
     total = sum(weights)
@@ -228,7 +232,12 @@ class Routing:
         key_headers = cache_key(self.router, self.default_router)
         self.cache = RouteCache(key_headers, cache_size) if key_headers is not None else None
         self._rules = {r.name: r for r in config.rules}
-        self._pickers = {r.name: WeightedPicker(r.backends) for r in config.rules if r.backends}
+        # A failover rule's decision is its first backend; Envoy moves on to the next ones when it fails.
+        self._pickers = {
+            r.name: WeightedPicker([min(r.backends, key=_failover_key)] if r.failover else r.backends)
+            for r in config.rules
+            if r.backends
+        }
 
     def route(self, headers: Mapping[str, str]) -> Decision | Awaitable[Decision]:
         """Decide a request's rule and backend. Raises :class:`~ipc_router.extensions.NoMatchingRuleError`,

@@ -261,6 +261,8 @@ class Sidecar:
         self.generation = 1
         routing = routing_for(config, settings.config, self.new_custom_router, self.generation, settings.cache_size)
         self.started_with = routing.config  # what the bootstrap of the running Envoy was presumably made from
+        if settings.cds_path is not None and not self._write_clusters(routing.config):
+            raise ValueError(f"cannot write the clusters file {settings.cds_path} (see the log)")
         self.service = Service(
             routing,
             meter=telemetry.meter if telemetry is not None else None,
@@ -295,6 +297,8 @@ class Sidecar:
             self.service.stats.plugin_errors["router_factory"] += 1
             log.error("config reload failed, keeping generation %d: %s", self.generation, e, exc_info=e.__cause__)
             return False
+        # Envoy gets the clusters first, so that the first request of a new backend finds its cluster.
+        cds = self.settings.cds_path is not None and self._write_clusters(routing.config)
         self.generation += 1
         self.service.routing = routing
         if self.fast_path is not None:
@@ -302,12 +306,36 @@ class Sidecar:
         self.service.stats.reloads["ok"] += 1
         log.info("config generation %d loaded from %s (%d rules)", self.generation, path, len(routing.config.rules))
         for missing in not_in_bootstrap(self.started_with, routing.config):
+            if cds and "failover" not in missing:
+                continue  # the new backend's cluster is in the CDS file
             log.warning(
                 "config generation %d: %s, which was not in the config the sidecar started with: the running "
-                "Envoy has no route or cluster for it and answers 404 until its bootstrap is regenerated "
+                "Envoy has no cluster for it and answers 503 until its bootstrap is regenerated "
                 "(ipc-router envoy-config) and Envoy restarted",
                 self.generation, missing,
             )  # fmt: skip
+        return True
+
+    def _write_clusters(self, config: Config) -> bool:
+        """File-based CDS: the SDS files, then the clusters of ``config``. False (logged) when they cannot be
+        made; Envoy then keeps the clusters it has."""
+        from ipc_router.envoy_config import EnvoyConfigError, upstream_clusters
+        from ipc_router.envoy_upstreams import write_cds, write_sds_files
+
+        s = self.settings
+        assert s.cds_path is not None
+        if s.sds_dir is None:
+            log.error("--cds-path needs --sds-dir (the credentials of the clusters are SDS files there)")
+            return False
+        try:
+            clusters, _ = upstream_clusters(config, sds_dir=s.sds_dir, all_sds=True)
+            write_sds_files(config, s.sds_dir, all_sds=True)
+            write_cds(s.cds_path, clusters)
+        except (EnvoyConfigError, OSError) as e:
+            self.service.stats.reloads["clusters_error"] += 1
+            log.error("clusters file %s not written, Envoy keeps its clusters: %s", s.cds_path, e)
+            return False
+        log.info("clusters file %s written (%d clusters)", s.cds_path, len(clusters))
         return True
 
     async def _watch(self) -> None:

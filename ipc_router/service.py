@@ -19,7 +19,8 @@ import orjson
 from opentelemetry.metrics import Meter, NoOpMeter
 
 from ipc_router import extensions, stats
-from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Config
+from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Backend, Config
+from ipc_router.envoy_upstreams import CLUSTER_HEADER, cluster_map
 from ipc_router.ledger import CompletionAggregator, Ledger, Stats
 from ipc_router.metrics import new_default_chat_completion_metrics
 from ipc_router.protocol import (
@@ -142,6 +143,7 @@ class Service:
         #: The shared-memory fast path, when the sidecar runs one (see :mod:`ipc_router.fastpath`).
         self.fast_path: FastPathSink | None = None
         self._models: tuple[Routing, bytes] | None = None
+        self._targets_of: tuple[Routing, dict[tuple[str, str | None], str | None], dict[str, Backend]] | None = None
         self._route_duration = self.meter.create_histogram(
             "ipc_router.route.duration", unit="s", description="Time the sidecar spent deciding one route.",
             explicit_bucket_boundaries_advisory=(1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1, 0.5),
@@ -296,6 +298,9 @@ class Service:
         }
         if backend is not None:
             set_headers[SELECTED_BACKEND_HEADER_KEY] = backend.name
+        cluster = self._targets(r.routing)[0].get((rule.name, backend.name if backend is not None else None))
+        if cluster is not None:
+            set_headers[CLUSTER_HEADER] = cluster
         # Both are routed requests; the name says who decided (the router just now, or the cache it filled).
         self.stats.requests["route", "routed_from_cache" if decided.cached else "routed_by_router"] += 1
         if len(self._durations) < 100_000:
@@ -304,6 +309,17 @@ class Service:
         if key is not None:
             answer["id"] = key
         return Response(200, encode_body(answer, r.fmt), r.fmt)
+
+    def _targets(
+        self, routing: Routing
+    ) -> tuple[dict[tuple[str, str | None], str | None], dict[str, Backend]]:
+        """Per config: the cluster header's value of each (rule, backend), and the backends by name."""
+        cached = self._targets_of
+        if cached is None or cached[0] is not routing:
+            config = routing.config
+            backends = {b.name: b for r in config.rules for b in r.backends}
+            cached = self._targets_of = (routing, cluster_map(config), backends)
+        return cached[1], cached[2]
 
     def flush(self) -> None:
         """Record buffered route durations (the server calls this off the request path, periodically)."""
@@ -321,7 +337,10 @@ class Service:
         body = msg.body if isinstance(msg.body, bytes) else msg.body.encode()
         end = msg.t_end * _NS if msg.t_end is not None else self.clock()
         first = msg.t_first * _NS if msg.t_first is not None else None
-        record = self.ledger.complete(msg.id, msg.status, first, end, msg.stream, body, msg.truncated)
+        served = None
+        if msg.served is not None:
+            served = self._targets(self.routing)[1].get(msg.served) or Backend(name=msg.served)
+        record = self.ledger.complete(msg.id, msg.status, first, end, msg.stream, body, msg.truncated, served)
         if record is None:
             self.stats.requests["complete", "unknown_id"] += 1
             return Response(204)

@@ -60,6 +60,10 @@ class Settings:
     shm: bool = True
     shm_dir: str = "/dev/shm"
     shm_drain_interval: float = 0.002
+    #: File-based CDS: the backend clusters file Envoy reads (``envoy-config --cds-path``), rewritten on every load.
+    cds_path: str | None = None
+    #: Where the SDS files of the clusters' credentials go (as ``envoy-config --sds-dir``).
+    sds_dir: str | None = None
 
 
 def env_var(name: str) -> str:

@@ -86,6 +86,14 @@ def _observe_drops(value: Mapping[str, Any] | None) -> list[Observation]:
     return [Observation(int(value["drops"]))] if value is not None else []
 
 
+def _observe_fallbacks(value: Mapping[str, int]) -> list[Observation]:
+    out = []
+    for pair, n in value.items():
+        primary, _, backend = pair.partition("->")
+        out.append(Observation(n, {"primary": primary, "backend": backend}))
+    return out
+
+
 # fmt: off
 #: In the order of ``/stats``' keys.
 STATS: tuple[Stat, ...] = (
@@ -115,6 +123,9 @@ STATS: tuple[Stat, ...] = (
     Stat("records", "ipc_router.completion_records",
          "Self-contained completion records (fast path) by source: ring, socket (/record), bad.",
          lambda svc: dict(svc.stats.records), _by("source")),
+    Stat("fallbacks", "ipc_router.fallbacks",
+         "Requests of failover rules answered by a later backend than the first, by both.",
+         lambda svc: {f"{a}->{b}": n for (a, b), n in list(svc.stats.fallbacks.items())}, _observe_fallbacks),
     Stat("fast_path", "ipc_router.ring_drops",
          "Completion records the filter could not put into a full ring (it sent them to /record).",
          _fast_path, _observe_drops),

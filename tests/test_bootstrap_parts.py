@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from ipc_router import cli
+from ipc_router import envoy_upstreams as upstreams
 from ipc_router.config import load_config
 from ipc_router.envoy_config import (
     SIDECAR_CLUSTER,
@@ -56,7 +57,12 @@ def test_the_bootstrap_is_its_parts() -> None:
     assert [routes[0]["name"], routes[-2]["name"], routes[-1]["name"]] == ["models", "passthrough", "no_route"]
     hcm = http_connection_manager(opts, routes, lua_config(CONFIG, opts))
     doc = bootstrap(CONFIG, OPTIONS)
-    assert doc["static_resources"] == {"listeners": [listener(opts, hcm)], "clusters": clusters}
+    assert doc["static_resources"] == {
+        "listeners": [listener(opts, hcm)],
+        "clusters": clusters,
+        "secrets": upstreams.static_secrets(upstreams.credentials_by_cluster(CONFIG, backend_clusters)),
+    }
+    assert doc["static_resources"]["secrets"], "the example's backend with auth gets a secret"
     assert doc["admin"] == {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 9901}}}
 
 

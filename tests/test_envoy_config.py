@@ -120,38 +120,30 @@ def be(name: str, endpoint: str | None = "http://127.0.0.1:8000", weight: int = 
 def test_example_routes_in_order() -> None:
     doc = bootstrap(example(), socket_path=SOCK, lua_source=STUB_LUA)
     routes = routes_of(doc)
-    assert [r["name"] for r in routes] == [
-        "models",
-        "llama/vllm-a",
-        "llama/vllm-b",
-        "gpt/openai-mock",
-        "mistral/vllm-a",
-        "premium/premium-pool",
-        "llama",
-        "gpt",
-        "mistral",
-        "premium",
-        "no_route",
-    ]
+    assert [r["name"] for r in routes] == ["models", "by_cluster", "llama", "gpt", "mistral", "premium", "no_route"]
     models = routes[0]
     assert models["match"] == {"path": "/v1/models"}
     assert models["route"]["cluster"] == SIDECAR_CLUSTER
 
-    # Per (rule, backend): both headers, exact, plain cluster, no overall timeout, an idle timeout.
-    pair = routes[1]
-    assert pair["match"]["prefix"] == "/"
-    assert header_matches(pair) == {"x-ai-eg-selected-route": "llama", "x-ai-eg-selected-backend": "vllm-a"}
-    assert pair["route"] == {"cluster": "backend_vllm-a", "timeout": "0s", "idle_timeout": "300s"}
-    assert routes[4]["route"]["cluster"] == "backend_vllm-a"  # mistral shares the cluster
+    # One route for every backend: the cluster header names the cluster (new rules need no route), no overall
+    # timeout, an idle timeout.
+    by_cluster = routes[1]
+    assert by_cluster["match"] == {
+        "prefix": "/", "headers": [{"name": "x-ai-eg-selected-cluster", "present_match": True}]
+    }  # fmt: skip
+    assert by_cluster["route"] == {
+        "cluster_header": "x-ai-eg-selected-cluster", "timeout": "0s", "idle_timeout": "300s"
+    }  # fmt: skip
+    assert by_cluster["response_headers_to_remove"] == ["x-ai-eg-served-backend"]  # only failover routes say it
 
     # Per rule: only the rule header; weights for several backends, a plain cluster for one.
-    llama = routes[6]
+    llama = routes[2]
     assert header_matches(llama) == {"x-ai-eg-selected-route": "llama"}
     assert llama["route"]["weighted_clusters"] == {
         "clusters": [{"name": "backend_vllm-a", "weight": 3}, {"name": "backend_vllm-b", "weight": 1}]
     }
     assert llama["route"]["timeout"] == "0s"
-    gpt = routes[7]
+    gpt = routes[3]
     assert gpt["route"]["cluster"] == "backend_openai-mock"
     assert "weighted_clusters" not in gpt["route"]
 
@@ -281,14 +273,14 @@ def test_shared_backend_is_one_cluster_and_weight_zero_is_left_out() -> None:
     doc = bootstrap(cfg, socket_path=SOCK, lua_source=STUB_LUA)
     assert list(clusters_of(doc)) == [SIDECAR_CLUSTER, "backend_shared", "backend_other"]
     names = [r["name"] for r in routes_of(doc)]
-    # No route for the weight-0 backend, none for the rule without backends.
-    assert names == ["models", "a/shared", "b/shared", "b/other", "a", "b", "no_route"]
-    b_route = routes_of(doc)[5]["route"]
+    # No cluster for the weight-0 backend, no route for the rule without backends.
+    assert names == ["models", "by_cluster", "a", "b", "no_route"]
+    b_route = routes_of(doc)[3]["route"]
     assert b_route["weighted_clusters"]["clusters"] == [
         {"name": "backend_shared", "weight": 5},
         {"name": "backend_other", "weight": 2},
     ]
-    assert routes_of(doc)[4]["route"]["cluster"] == "backend_shared"  # one live backend: plain cluster
+    assert routes_of(doc)[2]["route"]["cluster"] == "backend_shared"  # one live backend: plain cluster
 
 
 def test_custom_selected_route_header_key() -> None:
@@ -297,7 +289,7 @@ def test_custom_selected_route_header_key() -> None:
         "rules: [{name: r, headers: [{name: x-ai-eg-model, value: m}], backends: [{name: b, endpoint: 'http://1.2.3.4:5'}]}]"
     )
     doc = bootstrap(cfg, socket_path=SOCK, lua_source=STUB_LUA)
-    assert header_matches(routes_of(doc)[1]) == {"x-my-route": "r", "x-ai-eg-selected-backend": "b"}
+    assert header_matches(routes_of(doc)[2]) == {"x-my-route": "r"}
     assert 'route_header = "x-my-route"' in lua_code_of(doc)
 
 
@@ -329,9 +321,13 @@ def test_unsafe_backend_names_route_to_their_clusters() -> None:
     cfg = Config(rules=(rule("r", be("a/b", "http://10.0.0.1:1"), be("a:b", "http://10.0.0.2:2")),))
     doc = bootstrap(cfg, socket_path=SOCK, lua_source=STUB_LUA)
     routes = routes_of(doc)
-    assert header_matches(routes[1])["x-ai-eg-selected-backend"] == "a/b"  # the header keeps the real name
-    assert routes[1]["route"]["cluster"] == cluster_name("a/b")
-    assert routes[2]["route"]["cluster"] == cluster_name("a:b")
+    assert routes[2]["route"]["weighted_clusters"]["clusters"] == [
+        {"name": cluster_name("a/b"), "weight": 1}, {"name": cluster_name("a:b"), "weight": 1}
+    ]  # fmt: skip
+    # The endpoints carry the real name (what failover clusters and the served-backend header read).
+    clusters = clusters_of(doc)
+    md = clusters[cluster_name("a/b")]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"]
+    assert md == {"filter_metadata": {"ipc_router": {"backend": "a/b"}}}
     assert set(clusters_of(doc)) == {SIDECAR_CLUSTER, cluster_name("a/b"), cluster_name("a:b")}
 
 
@@ -417,7 +413,7 @@ def test_bad_options(kwargs: dict[str, Any], match: str) -> None:
 
 def test_no_rules_is_fine_fail_closed() -> None:
     doc = bootstrap(Config(), socket_path=SOCK, lua_source=STUB_LUA)
-    assert [r["name"] for r in routes_of(doc)] == ["models", "no_route"]
+    assert [r["name"] for r in routes_of(doc)] == ["models", "by_cluster", "no_route"]
     assert list(clusters_of(doc)) == [SIDECAR_CLUSTER]
 
 
@@ -549,6 +545,7 @@ def test_loader_runs_in_luajit_with_the_conf() -> None:
         "fallback_route": "llama",
         "route_header": "x-ai-eg-selected-route",
         "backend_header": "x-ai-eg-selected-backend",
+        "cluster_header": "x-ai-eg-selected-cluster",
         "llm_paths": None,
     }
     assert list(conf.llm_paths.values()) == ["/v1/chat/completions", "/v1/completions"]
@@ -688,7 +685,7 @@ function mt:on_request(handle)
   local h = handle:headers()
   local r, b = h:get("x-test-route"), h:get("x-test-backend")
   if r then h:replace(self.conf.route_header, r) end
-  if b then h:replace(self.conf.backend_header, b) end
+  if b then h:replace(self.conf.backend_header, b); h:replace("x-ai-eg-selected-cluster", "backend_" .. b) end
   handle:clearRouteCache()
 end
 function mt:on_response(handle) end
@@ -809,10 +806,14 @@ def test_envoy_routes_by_the_headers(served: str) -> None:
     assert seen == {"alpha", "beta"}  # rule only: the weighted split
     assert ask("/v1/models")[:2] == (200, "sidecar")
 
-    # A backend of another rule is never reached: the rule's own route serves it.
-    assert ask(x_test_route="one", x_test_backend="alpha")[:2] == (200, "gamma")
+    # The cluster header decides (the sidecar sets it; the real filter strips it from clients), so a rule the
+    # bootstrap never saw is routed too.
+    assert ask(x_test_route="one", x_test_backend="alpha")[:2] == (200, "alpha")
+    assert ask(x_test_route="added-later", x_test_backend="beta")[:2] == (200, "beta")
+    # A cluster Envoy does not have: 503 (a backend added to the config after the bootstrap was made).
+    assert ask(x_test_route="two", x_test_backend="unknown")[0] == 503
     # Unknown rule, no decision: the JSON 404.
-    for status, body, ctype in (ask(x_test_route="nope", x_test_backend="alpha"), ask()):
+    for status, body, ctype in (ask(x_test_route="nope"), ask()):
         assert (status, ctype) == (404, "application/json")
         assert json.loads(body)["error"]["code"] == "no_route"
 

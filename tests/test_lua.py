@@ -229,6 +229,8 @@ def test_new_defaults(lua: Lua) -> None:
         b"failure_mode": b"fail_closed",
         b"route_header": b"x-ai-eg-selected-route",
         b"backend_header": b"x-ai-eg-selected-backend",
+        b"cluster_header": b"x-ai-eg-selected-cluster",
+        b"served_header": b"x-ai-eg-served-backend",
         b"max_response_body": 1048576,
         b"stream_tail_bytes": 16384,
     }

@@ -589,6 +589,7 @@ def test_doc_example_bodies_decode_as_commented() -> None:
             "x-ai-eg-selected-route": "gpt",
             "x-ai-eg-original-path": "/v1/chat/completions",
             "x-ai-eg-selected-backend": "openai",
+            "x-ai-eg-selected-cluster": "backend_openai",
         },
         "id": PINNED_ID_PREFIX + "1",
     }

@@ -201,6 +201,7 @@ def test_route_sets_headers_and_gives_an_id() -> None:
         MODEL: "gpt-4o-mini",
         "x-ai-eg-selected-route": "gpt",
         "x-ai-eg-selected-backend": "openai",
+        "x-ai-eg-selected-cluster": "backend_openai",  # what Envoy routes on
         "x-ai-eg-original-path": CHAT,
     }
     assert re.fullmatch(r"[0-9a-f]+-[0-9a-f]+-1", answer["id"])
@@ -619,6 +620,7 @@ def test_stats_shape() -> None:
         "unknown_completions": 1,
         "usage_missing": 1,  # the 200 completion had no body, so no usage
         "records": {},
+        "fallbacks": {},
         "fast_path": None,
         "limits": {},
         "refused_peers": 0,

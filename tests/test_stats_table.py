@@ -51,6 +51,7 @@ def test_every_instrument_of_the_table_is_exported_with_its_description() -> Non
     svc.stats.records["ring"] += 7
     svc.stats.usage_missing += 3
     svc.stats.expired, svc.stats.evicted = 4, 5
+    svc.stats.fallbacks["a", "b"] += 2
     stats = stats_of(svc)
     metrics = exported(reader)
     for s in STATS:
@@ -66,6 +67,7 @@ def test_every_instrument_of_the_table_is_exported_with_its_description() -> Non
     assert points["ipc_router.usage_missing"] == [(3, {})]
     assert points["ipc_router.requests_expired"] == [(9, {})]
     assert points["ipc_router.config_generation"] == [(3, {})]
+    assert points["ipc_router.fallbacks"] == [(2, {"primary": "a", "backend": "b"})]
     assert (stats["reloads"], stats["limits"], stats["usage_missing"]) == ({"ok": 2}, {"body": 1}, 3)
     assert (stats["plugin_errors"], stats["records"]) == ({"router": 6}, {"ring": 7})
     assert (stats["expired"], stats["evicted"]) == (4, 5)

@@ -492,6 +492,10 @@ local DEFAULTS = {
     max_response_body = 1048576,
     stream_tail_bytes = 16384,
     shm_path = false, -- false: no shared-memory fast path (every request asks the sidecar)
+    -- The header naming the Envoy cluster (the sidecar sets it; a client never may).
+    cluster_header = "x-ai-eg-selected-cluster",
+    -- Added by Envoy on failover routes: the backend that answered. Read, then removed.
+    served_header = "x-ai-eg-served-backend",
 }
 
 local function check_string(conf, key)
@@ -532,6 +536,8 @@ function _M.new(conf)
     check_string(c, "authority")
     check_string(c, "route_header")
     check_string(c, "backend_header")
+    check_string(c, "cluster_header")
+    check_string(c, "served_header")
     check_int(c, "timeout_ms", 1)
     check_int(c, "complete_timeout_ms", 0)
     check_int(c, "max_response_body", 0)
@@ -546,6 +552,8 @@ function _M.new(conf)
     end
     c.route_header = str_lower(c.route_header)
     c.backend_header = str_lower(c.backend_header)
+    c.cluster_header = str_lower(c.cluster_header)
+    c.served_header = str_lower(c.served_header)
     if c.shm_path ~= nil and type(c.shm_path) ~= "string" then
         error("ipc_router: conf.shm_path must be a string (the sidecar's segment file)", 2)
     end
@@ -740,7 +748,13 @@ local function fast_config(blob)
         if not picker then
             return nil, err
         end
-        rules[i] = { name = r.name, picker = picker }
+        local clusters = {}
+        for _, b in pairs(r.backends) do
+            if type(b.cluster) == "string" then
+                clusters[b.name] = b.cluster
+            end
+        end
+        rules[i] = { name = r.name, picker = picker, clusters = clusters }
     end
     return {
         cacheable = cacheable,
@@ -749,6 +763,7 @@ local function fast_config(blob)
         route_header = route_header,
         backend_header = backend_header,
         path_header = path_header,
+        cluster_header = type(blob.cluster_header) == "string" and blob.cluster_header or nil,
         record_headers = record_headers,
         rules = rules,
         generation = blob.generation,
@@ -877,6 +892,7 @@ local K_RULE = "\164rule"
 local K_GEN = "\163gen"
 local K_BACKEND = "\167backend"
 local K_RING = "\164ring"
+local K_SERVED = "\166served"
 
 -- The request half of a completion record: msgpack map entries (without the map head) and their
 -- count. `t` is already msgpack.
@@ -894,7 +910,7 @@ local function record_head(cfg, headers_map, t, model, rule, backend)
 end
 
 -- A whole record: the request half plus what the response phase knows.
-local function record_body(head, status, t_first, t_end, stream, kept, truncated)
+local function record_body(head, status, t_first, t_end, stream, kept, truncated, served)
     local body_head, err = bin_head(#kept)
     if not body_head then
         return nil, err
@@ -902,8 +918,13 @@ local function record_body(head, status, t_first, t_end, stream, kept, truncated
     local n = head.n + 5
     local tail = { K_T_END, t_end, K_STATUS, enc_uint(status or 0),
         K_STREAM, stream and TRUE or FALSE, K_TRUNCATED, truncated and TRUE or FALSE }
+    local k = 8
     if t_first then
-        tail[9], tail[10] = K_T_FIRST, t_first
+        tail[k + 1], tail[k + 2] = K_T_FIRST, t_first
+        k, n = k + 2, n + 1
+    end
+    if served then
+        tail[k + 1], tail[k + 2], tail[k + 3] = K_SERVED, str_head(#served), served
         n = n + 1
     end
     return (MAP_HEAD[n] or enc_len(n, 0x80, 15, 0xde, 0xdf)) .. head.pairs .. tbl_concat(tail)
@@ -1146,6 +1167,10 @@ local function route_fast(self, handle, cfg, path)
             headers:replace(cfg.route_header, rule.name)
             if backend then
                 headers:replace(cfg.backend_header, backend)
+                local cluster = cfg.cluster_header and rule.clusters[backend]
+                if cluster then
+                    headers:replace(cfg.cluster_header, cluster)
+                end
             end
             headers:replace(cfg.path_header, path)
             handle:clearRouteCache()
@@ -1186,6 +1211,9 @@ function mt:on_request(handle)
     end
     if headers:get(conf.backend_header) then
         headers:remove(conf.backend_header)
+    end
+    if headers:get(conf.cluster_header) then
+        headers:remove(conf.cluster_header)
     end
     local path = headers:get(":path")
     if not path then
@@ -1237,7 +1265,7 @@ end
 
 -- The /complete body; t_first and t_end are already msgpack (or nil). nil, err when `kept` is
 -- too long.
-local function complete_body(id, status, t_first, t_end, stream, kept, truncated)
+local function complete_body(id, status, t_first, t_end, stream, kept, truncated, served)
     local body_head, err = bin_head(#kept)
     if not body_head then
         return nil, err
@@ -1260,6 +1288,11 @@ local function complete_body(id, status, t_first, t_end, stream, kept, truncated
         keys = keys + 1
         buf[n + 1], buf[n + 2] = K_T_END, t_end
         n = n + 2
+    end
+    if served then
+        keys = keys + 1
+        buf[n + 1], buf[n + 2], buf[n + 3] = K_SERVED, str_head(#served), served
+        n = n + 3
     end
     buf[1] = MAP_HEAD[keys]
     buf[n + 1], buf[n + 2] = K_STREAM, stream and TRUE or FALSE
@@ -1286,6 +1319,13 @@ function mt:on_response(handle)
     local conf = self.conf
     local headers = handle:headers()
     local status = tonumber(headers:get(":status"))
+    local served = headers:get(conf.served_header) -- a failover route: who answered
+    if served then
+        headers:remove(conf.served_header)
+        if served == "" then
+            served = nil
+        end
+    end
     local ctype = headers:get("content-type")
     local stream = ctype ~= nil and str_find(str_lower(ctype), "text/event-stream", 1, true) == 1
     local limit = stream and conf.stream_tail_bytes or conf.max_response_body
@@ -1342,7 +1382,8 @@ function mt:on_response(handle)
     end
 
     if record then
-        local payload, err = record_body(record, status, t_first, t_end, stream, kept, truncated)
+        local payload, err = record_body(record, status, t_first, t_end, stream, kept, truncated,
+            served)
         local seg = self.fast.seg
         if payload and seg then
             local ok, werr = seg:write(payload)
@@ -1362,7 +1403,7 @@ function mt:on_response(handle)
         handle:logWarn("ipc_router: completion record not sent: " .. tostring(err))
         return
     end
-    local payload, err = complete_body(id, status, t_first, t_end, stream, kept, truncated)
+    local payload, err = complete_body(id, status, t_first, t_end, stream, kept, truncated, served)
     if payload then
         local ok
         ok, err = pcall(handle.httpCall, handle, conf.cluster, self.complete_headers, payload,

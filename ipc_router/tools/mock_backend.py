@@ -93,6 +93,10 @@ class MockConfig:
     token_delay: float = 0.0  # seconds
     prompt_tokens: int = 10
     cassettes: Path | None = None  # the directory x-mock-cassette names files in; None: cassettes are refused
+    #: Tests of failover: every chat request gets this error status (400-599) when set.
+    status: int | None = None
+    #: Tests of streams cut short: a stream's connection is closed after this many chunks, without its end.
+    abort_after: int | None = None
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ class _Responder:
         self.name = name
         self.keep_alive = req.keep_alive
         self.head_only = req.method == "HEAD"
+        #: Close the connection after the chunks, without the stream's end (MockConfig.abort_after).
+        self.abort = False
 
     def _head(self, status: int, headers: list[tuple[str, str]]) -> bytes:
         try:
@@ -272,6 +278,10 @@ class _Responder:
                 continue
             self.writer.write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)
             await self.writer.drain()
+        if self.abort:
+            self.keep_alive = False
+            self.writer.transport.abort()
+            return
         if chunked:
             self.writer.write(b"0\r\n\r\n")
             await self.writer.drain()
@@ -455,6 +465,9 @@ class MockApp:
             await self._replay(cassette_name.strip(), out, first_delay, token_delay)
             return
 
+        if cfg.status is not None and path == _CHAT_PATH:
+            await out.send_error(cfg.status, f"mock backend {cfg.name}: status {cfg.status} (configured)")
+            return
         if "x-mock-status" in h:
             status = int(_header_number(h, "x-mock-status", 200, 200, 599))
             if status >= 400:
@@ -491,6 +504,9 @@ class MockApp:
             opts = body.get("stream_options")
             include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
             chunks = _sse_chunks(cid, created, model, n_tokens, usage, include_usage, first_delay, token_delay)
+            if cfg.abort_after is not None:
+                chunks = itertools.islice(chunks, cfg.abort_after)
+                out.abort = True
             await out.stream(200, "text/event-stream", chunks)
             return
 

@@ -76,6 +76,8 @@ class Stack:
     #: How long the Lua filter waits for a ``/route`` answer (the bootstrap's default: 250 ms). Load tests on a
     #: shared machine raise it: a sidecar starved of CPU for a moment is not what they test.
     route_timeout_ms: int = 250
+    #: Backend clusters by file-based CDS, written by the sidecar on every config load (new backends live).
+    cds: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="ipr", dir="/tmp")  # short: socket paths must stay under 108 bytes
@@ -85,6 +87,10 @@ class Stack:
         self.sidecar: subprocess.Popen[bytes] | None = None
         self.envoy: subprocess.Popen[bytes] | None = None
         self._logs = Path(self.log_dir or self.workdir)
+
+    @property
+    def cds_path(self) -> str:
+        return os.path.join(self.workdir, "cds.yaml")
 
     @property
     def url(self) -> str:
@@ -107,6 +113,8 @@ class Stack:
         cmd += ["--shm-dir", self.workdir] + ([] if self.shm else ["--no-shm"])
         if self.app_dir is not None:
             cmd += ["--app-dir", self.app_dir]
+        if self.cds:
+            cmd += ["--cds-path", self.cds_path, "--sds-dir", self.workdir]
         cmd += list(self.sidecar_args)
         env = {**os.environ, **self.env}
         log = open(self._logs / "sidecar.log", "ab")  # noqa: SIM115 - the child owns it
@@ -143,6 +151,8 @@ class Stack:
             passthrough=self.passthrough,
             shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
             route_timeout_ms=self.route_timeout_ms,
+            sds_dir=self.workdir,
+            cds_path=self.cds_path if self.cds else None,
         )
         return bootstrap(load_config(self.config), options)
 
@@ -152,7 +162,10 @@ class Stack:
         return render(self.bootstrap_dict())
 
     def start_envoy(self, timeout: float = 30.0) -> None:
+        from ipc_router.envoy_upstreams import write_sds_files
+
         path = Path(self.workdir) / "envoy.yaml"
+        write_sds_files(load_config(self.config), self.workdir)
         path.write_text(self.bootstrap_yaml())
         cmd = [
             envoy_binary(), "-c", str(path), "--disable-hot-restart", "--log-level", "warn",

@@ -99,7 +99,8 @@ def write_config(path: Path, rules: list[dict[str, Any]], backends: Backends, **
     and the kubelet do, by renaming a complete file over the old one: a reload never reads half a file."""
     for rule in rules:
         for b in rule.get("backends", []):
-            b.setdefault("endpoint", f"http://127.0.0.1:{backends[b['name']].port}")
+            if "endpoint" not in b:
+                b["endpoint"] = f"http://127.0.0.1:{backends[b['name']].port}"
             b.setdefault("schema", {"name": "OpenAI"})
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(yaml.safe_dump({"schema": {"name": "OpenAI"}, **top, "rules": rules}, sort_keys=False))
