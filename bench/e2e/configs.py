@@ -55,6 +55,89 @@ class Configuration:
     peer: str | None = None
     #: False when every model reaches the first model's backend (the floor does no routing).
     routes: bool = True
+    #: A diagnostic variant of the fast path (see :data:`SPLIT`): run only with ``--split`` or when ``--only``
+    #: names it, never in ``--smoke``.
+    split: bool = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# "Where the fast path's time goes": configuration 5 with one step of the filter taken out, as text patches of
+# the generated Lua code (the shipped filter has no such switches). Each patch must apply exactly once, so a
+# change of the filter that invalidates one is an error at start, not a silently meaningless figure. Variants
+# that drop the response phase also shorten the pending-record window (their records are never taken) so that
+# memory stays flat. bench/README.md ("Where the fast path's time goes") has the table they produced.
+
+_NO_RESPONSE = (
+    ("\nfunction envoy_on_response(handle) filter:on_response(handle) end\n", "\n"),
+    ("local PENDING_SWAP_S = 60", "local PENDING_SWAP_S = 1"),
+)
+_NO_MD_SET = (
+    ('            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", token)\n', ""),
+)
+_RESPONSE_BODY = "    for chunk in handle:bodyChunks() do\n"
+
+SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "shm_no_response": ("no envoy_on_response at all (as inline Lua)", _NO_RESPONSE),
+    "shm_no_response_no_md": ("no response phase, no dynamicMetadata():set", _NO_RESPONSE + _NO_MD_SET),
+    "shm_resp_empty": (
+        "envoy_on_response returns at once",
+        (("function mt:on_response(handle)\n", "function mt:on_response(handle)\n    do return end\n"),
+         ("local PENDING_SWAP_S = 60", "local PENDING_SWAP_S = 1")),
+    ),
+    "shm_resp_md_only": (
+        "on_response: dynamicMetadata():get + take only",
+        (("    local id, record = md.id, nil\n",
+          "    if md.rec ~= nil and self.fast then take(self.fast, md.rec) end\n    do return end\n"
+          "    local id, record = md.id, nil\n"),),
+    ),
+    "shm_resp_no_chunks": (
+        "on_response without bodyChunks (empty kept body)",
+        ((_RESPONSE_BODY, "    for chunk in function() return nil end do\n"),),
+    ),
+    "shm_resp_no_getbytes": (
+        "on_response: bodyChunks iterated, chunk:length() only, no getBytes",
+        (("        local len = chunk:length()\n", "        local len = 0 * chunk:length()\n"),),
+    ),
+    "shm_resp_no_record": (
+        "on_response: body kept, no record_body and no ring write",
+        (("    if record then\n        local payload, err = record_body(",
+          "    if record then do return end\n        local payload, err = record_body("),),
+    ),
+    "shm_two_headers": (
+        "hit: only the route and backend headers set (no model, no path header)",
+        (("            headers:replace(cfg.model_header, model)\n", ""),
+         ("            headers:replace(cfg.path_header, path)\n", "")),
+    ),
+    "shm_no_rec_headers": (
+        "hit: no record_headers_map (empty headers map in the record)",
+        (("            local rec_headers = record_headers_map(cfg, headers)\n            local rec = record_head(",
+          '            local rec_headers = "\\128"\n            local rec = record_head('),),
+    ),
+    "shm_no_refresh": (
+        "fast_refresh returns the held config without seg:refresh()",
+        (("local function fast_refresh(fast)\n",
+          "local function fast_refresh(fast)\n    if fast.cfg then return fast.cfg end\n"),),
+    ),
+    "shm_pattern": (
+        "the model by inline Lua's pattern instead of the JSON scanner",
+        (('fast.json.top_level_string(raw, "model")', """string.match(raw, '"model"%s*:%s*"([^"]+)"')"""),),
+    ),
+    "shm_jit_on": (
+        "no jit.off: every function compiled",
+        (("        jit.off(f)\n", "        local _ = f\n"),),
+    ),
+}
+
+
+def patch_lua(code: str, patches: Sequence[tuple[str, str]]) -> str:
+    """``code`` with each (old, new) applied; each old must occur exactly once."""
+    for old, new in patches:
+        count = code.count(old)
+        if count != 1:
+            raise SetupError(f"split patch applies {count} times, not once: {old!r}")
+        code = code.replace(old, new)
+    return code
+
 
 
 CONFIGURATIONS: tuple[Configuration, ...] = (
@@ -98,6 +181,66 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "ipc_router", stack_options={"shm": True},
     ),
     Configuration(
+        "shm_no_response", 50 + 0, "fast path: " + SPLIT["shm_no_response"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_no_response"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_no_response_no_md", 50 + 1, "fast path: " + SPLIT["shm_no_response_no_md"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_no_response_no_md"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_resp_empty", 50 + 2, "fast path: " + SPLIT["shm_resp_empty"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_resp_empty"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_resp_md_only", 50 + 3, "fast path: " + SPLIT["shm_resp_md_only"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_resp_md_only"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_resp_no_chunks", 50 + 4, "fast path: " + SPLIT["shm_resp_no_chunks"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_resp_no_chunks"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_resp_no_getbytes", 50 + 5, "fast path: " + SPLIT["shm_resp_no_getbytes"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_resp_no_getbytes"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_resp_no_record", 50 + 6, "fast path: " + SPLIT["shm_resp_no_record"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_resp_no_record"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_two_headers", 50 + 7, "fast path: " + SPLIT["shm_two_headers"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_two_headers"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_no_rec_headers", 50 + 8, "fast path: " + SPLIT["shm_no_rec_headers"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_no_rec_headers"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_no_refresh", 50 + 9, "fast path: " + SPLIT["shm_no_refresh"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_no_refresh"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_pattern", 50 + 10, "fast path: " + SPLIT["shm_pattern"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_pattern"][1]}, split=True,
+    ),
+    Configuration(
+        "shm_jit_on", 50 + 11, "fast path: " + SPLIT["shm_jit_on"][0],
+        "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
+        "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_jit_on"][1]}, split=True,
+    ),
+    Configuration(
         "ext_proc", 6, "Envoy + Python ext_proc (grpcio)",
         "The AI Gateway's architecture in Python: an ext_proc gRPC server running ipc_router's routing.",
         "ext_proc", peer="ext_proc",
@@ -108,7 +251,6 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "litellm", peer="litellm",
     ),
 )  # fmt: skip
-
 
 @dataclass
 class World:
@@ -279,6 +421,21 @@ class InstantIpcStack(Stack):
         _wait_for(lambda: os.path.exists(self.socket), self.sidecar, "the C responder", timeout, self.sidecar_log)
 
 
+@dataclass
+class VariantStack(Stack):
+    """A split variant: ipc_router's stack with :func:`patch_lua` applied to the generated filter code."""
+
+    patches: Sequence[tuple[str, str]] = ()
+
+    def bootstrap_dict(self) -> dict[str, Any]:
+        doc = super().bootstrap_dict()
+        for f in _hcm(doc)["http_filters"]:
+            if f["name"] == "envoy.filters.http.lua":
+                source = f["typed_config"]["default_source_code"]
+                source["inline_string"] = patch_lua(source["inline_string"], self.patches)
+        return doc
+
+
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -381,6 +538,11 @@ def start_ipc_router(c: Configuration, w: World) -> Running:
     return _from_stack(stack)
 
 
+def start_ipc_variant(c: Configuration, w: World) -> Running:
+    stack = VariantStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
+    return _from_stack(stack)
+
+
 def start_ext_proc(c: Configuration, w: World) -> Running:
     return _from_stack(ExtProcStack(str(w.config), shm=False))
 
@@ -444,6 +606,7 @@ STARTERS: dict[str, Callable[[Configuration, World], Running]] = {
     "httpcall": start_httpcall,
     "ipc_router": start_ipc_router,
     "ipc_filter_c": start_ipc_filter_c,
+    "ipc_variant": start_ipc_variant,
     "ext_proc": start_ext_proc,
     "litellm": start_litellm,
 }

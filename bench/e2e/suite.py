@@ -75,7 +75,13 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    wanted = [c for c in CONFIGURATIONS if not args.only or c.key in args.only]
+    wanted = [
+        c
+        for c in CONFIGURATIONS
+        if (c.key in args.only if args.only else not c.split or args.split) and not (c.split and args.smoke)
+    ]
+    if args.only and args.split:
+        wanted += [c for c in CONFIGURATIONS if c.split and c not in wanted]
     notes: dict[str, str] = {}
     responder = build_responder()
     workdir = Path(tempfile.mkdtemp(prefix="ib10", dir="/tmp"))
@@ -224,6 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=16, help="the saturating concurrency (default 16)")
     p.add_argument("--only", nargs="*", help="configuration keys to run (default: all)")
+    p.add_argument("--split", action="store_true",
+                   help="add the diagnostic variants of the fast path (configurations 50-61, bench/README.md)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,png} go (not in --smoke)")
     args = p.parse_args(argv)
     if args.smoke:
