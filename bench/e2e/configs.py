@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from ipc_router.envoy_config import SIDECAR_CLUSTER, lua_literal
+from ipc_router.envoy_config import SIDECAR_CLUSTER, lua_filter_source, lua_literal
 from ipc_router.filterapi import DEFAULT_SELECTED_ROUTE_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY
 from ipc_router.tools.stack import Stack, StackError, free_port, read_tail, stop_process
 
@@ -63,17 +63,17 @@ class Configuration:
 # ----------------------------------------------------------------------------------------------------------------
 # "Where the fast path's time goes": configuration 5 with one step of the filter taken out, as text patches of
 # the generated Lua code (the shipped filter has no such switches). Each patch must apply exactly once, so a
-# change of the filter that invalidates one is an error at start, not a silently meaningless figure. Variants
-# that drop the response phase also shorten the pending-record window (their records are never taken) so that
-# memory stays flat. bench/README.md ("Where the fast path's time goes") has the table they produced.
+# change of the filter that invalidates one is an error at start, not a silently meaningless figure.
+# bench/README.md ("Where the fast path's time goes") has the table they produced.
 
+# Without a response phase nothing takes the kept records: keeping none (rather than a growing table the GC
+# walks) keeps these variants comparable with the full filter.
+_KEEP_NOTHING = ("    fast.pending[token] = head\n", "    fast.pending[token] = nil\n")
 _NO_RESPONSE = (
     ("\nfunction envoy_on_response(handle) filter:on_response(handle) end\n", "\n"),
-    ("local PENDING_SWAP_S = 60", "local PENDING_SWAP_S = 1"),
+    _KEEP_NOTHING,
 )
-_NO_MD_SET = (
-    ('            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", token)\n', ""),
-)
+_NO_MD_SET = (('            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", token)\n', ""),)
 _RESPONSE_BODY = "    for chunk in handle:bodyChunks() do\n"
 
 SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
@@ -81,14 +81,20 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "shm_no_response_no_md": ("no response phase, no dynamicMetadata():set", _NO_RESPONSE + _NO_MD_SET),
     "shm_resp_empty": (
         "envoy_on_response returns at once",
-        (("function mt:on_response(handle)\n", "function mt:on_response(handle)\n    do return end\n"),
-         ("local PENDING_SWAP_S = 60", "local PENDING_SWAP_S = 1")),
+        (
+            ("function mt:on_response(handle)\n", "function mt:on_response(handle)\n    do return end\n"),
+            _KEEP_NOTHING,
+        ),
     ),
     "shm_resp_md_only": (
         "on_response: dynamicMetadata():get + take only",
-        (("    local id, record = md.id, nil\n",
-          "    if md.rec ~= nil and self.fast then take(self.fast, md.rec) end\n    do return end\n"
-          "    local id, record = md.id, nil\n"),),
+        (
+            (
+                "    local id, record = md.id, nil\n",
+                "    if md.rec ~= nil and self.fast then take(self.fast, md.rec) end\n    do return end\n"
+                "    local id, record = md.id, nil\n",
+            ),
+        ),
     ),
     "shm_resp_no_chunks": (
         "on_response without bodyChunks (empty kept body)",
@@ -100,23 +106,38 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     ),
     "shm_resp_no_record": (
         "on_response: body kept, no record_body and no ring write",
-        (("    if record then\n        local payload, err = record_body(",
-          "    if record then do return end\n        local payload, err = record_body("),),
+        (
+            (
+                "    if record then\n        local payload, err = record_body(",
+                "    if record then do return end\n        local payload, err = record_body(",
+            ),
+        ),
     ),
     "shm_two_headers": (
         "hit: only the route and backend headers set (no model, no path header)",
-        (("            headers:replace(cfg.model_header, model)\n", ""),
-         ("            headers:replace(cfg.path_header, path)\n", "")),
+        (
+            ("            headers:replace(cfg.model_header, model)\n", ""),
+            ("            headers:replace(cfg.path_header, path)\n", ""),
+        ),
     ),
     "shm_no_rec_headers": (
         "hit: no record_headers_map (empty headers map in the record)",
-        (("            local rec_headers = record_headers_map(cfg, headers)\n            local rec = record_head(",
-          '            local rec_headers = "\\128"\n            local rec = record_head('),),
+        (
+            (
+                "            local rec_headers = record_headers_map(cfg, headers)\n"
+                "            local rec = record_head(",
+                '            local rec_headers = "\\128"\n            local rec = record_head(',
+            ),
+        ),
     ),
     "shm_no_refresh": (
         "fast_refresh returns the held config without seg:refresh()",
-        (("local function fast_refresh(fast)\n",
-          "local function fast_refresh(fast)\n    if fast.cfg then return fast.cfg end\n"),),
+        (
+            (
+                "local function fast_refresh(fast)\n",
+                "local function fast_refresh(fast)\n    if fast.cfg then return fast.cfg end\n",
+            ),
+        ),
     ),
     "shm_pattern": (
         "the model by inline Lua's pattern instead of the JSON scanner",
@@ -137,7 +158,6 @@ def patch_lua(code: str, patches: Sequence[tuple[str, str]]) -> str:
             raise SetupError(f"split patch applies {count} times, not once: {old!r}")
         code = code.replace(old, new)
     return code
-
 
 
 CONFIGURATIONS: tuple[Configuration, ...] = (
@@ -251,6 +271,7 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "litellm", peer="litellm",
     ),
 )  # fmt: skip
+
 
 @dataclass
 class World:
@@ -426,14 +447,34 @@ class VariantStack(Stack):
     """A split variant: ipc_router's stack with :func:`patch_lua` applied to the generated filter code."""
 
     patches: Sequence[tuple[str, str]] = ()
+    #: Another text of the filter module (``--baseline REV``: the filter of that revision), patches applied after.
+    filter_source: str | None = None
 
     def bootstrap_dict(self) -> dict[str, Any]:
         doc = super().bootstrap_dict()
+        patches = list(self.patches)
+        if self.filter_source is not None:
+            patches.insert(0, (lua_filter_source(), self.filter_source))
         for f in _hcm(doc)["http_filters"]:
             if f["name"] == "envoy.filters.http.lua":
                 source = f["typed_config"]["default_source_code"]
-                source["inline_string"] = patch_lua(source["inline_string"], self.patches)
+                source["inline_string"] = patch_lua(source["inline_string"], patches)
         return doc
+
+
+def baseline(rev: str) -> Configuration:
+    """Configuration 5 with the filter (ipc_router.lua) of git revision ``rev``: a change's before and after in
+    the same interleaved rounds."""
+    out = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:ipc_router/lua/ipc_router.lua"], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise SetupError(f"--baseline {rev}: {out.stderr.strip()}")
+    return Configuration(
+        "shm_baseline", 49, f"fast path, the filter of {rev}",
+        f"Configuration 5 with ipc_router.lua as of {rev} (the same sidecar and modules).",
+        "ipc_variant", stack_options={"shm": True, "filter_source": out.stdout}, split=True,
+    )  # fmt: skip
 
 
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"

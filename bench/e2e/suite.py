@@ -27,7 +27,7 @@ from typing import Any
 
 from ipc_router.tools.stack import free_port, stop_process
 
-from .configs import BENCH, CONFIGURATIONS, STARTERS, Running, SetupError, World, unavailable
+from .configs import BENCH, CONFIGURATIONS, STARTERS, Running, SetupError, World, baseline, unavailable
 from .configs import write_config as write_ipc_config
 from .load import LoadError, Run, check_routing, run_wrk, wrk_binary
 from .mix import MODELS, request_mix, wrk_script
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.only and args.split:
         wanted += [c for c in CONFIGURATIONS if c.split and c not in wanted]
+    if args.baseline:
+        wanted.append(baseline(args.baseline))
     notes: dict[str, str] = {}
     responder = build_responder()
     workdir = Path(tempfile.mkdtemp(prefix="ib10", dir="/tmp"))
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r.processes["backend"] = backend.pid
             print(f"ready {c.number} {c.key} ({time.perf_counter() - t0:.1f}s): routes the mix right", flush=True)
         active = [c for c in wanted if c.key in running]
-        levels = (1, args.concurrency)
+        levels = (args.concurrency,) if args.throughput_only else (1, args.concurrency)
         for c in active:  # warm-up (JIT, connection pools, caches), not recorded
             run_wrk(running[c.key].url, str(script), args.concurrency, args.warmup, {})
         for rnd in range(args.rounds):
@@ -206,8 +208,9 @@ def print_summary(result: dict[str, Any]) -> None:
     for key, s in result["summary"].items():
         added = s.get("added_p50_us")
         ratio = s.get("rps_vs_direct")
+        p50, p99 = s["c1"]["p50_us"], s["c1"]["p99_us"]
         print(
-            f"{key:<16}{s['c1']['p50_us']:>9.0f}{s['c1']['p99_us']:>8.0f}"
+            f"{key:<16}{'' if p50 is None else f'{p50:.0f}':>9}{'' if p99 is None else f'{p99:.0f}':>8}"
             f"{'' if added is None else f'{added:+.0f}':>11}{s['cN']['rps']:>13.0f}"
             f"{'' if ratio is None else f'{ratio:.2f}':>9}"
         )
@@ -230,8 +233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--concurrency", type=int, default=16, help="the saturating concurrency (default 16)")
     p.add_argument("--only", nargs="*", help="configuration keys to run (default: all)")
-    p.add_argument("--split", action="store_true",
-                   help="add the diagnostic variants of the fast path (configurations 50-61, bench/README.md)")
+    p.add_argument(
+        "--throughput-only",
+        action="store_true",
+        help="only the saturating runs (CPU per request, req/s): no c=1 latency",
+    )
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="add the diagnostic variants of the fast path (configurations 50-61, bench/README.md)",
+    )
+    p.add_argument("--baseline", metavar="REV", help="add configuration 5 with the filter of git revision REV")
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,png} go (not in --smoke)")
     args = p.parse_args(argv)
     if args.smoke:

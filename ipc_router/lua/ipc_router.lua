@@ -756,7 +756,12 @@ local function fast_config(blob)
         end
         rules[i] = { name = r.name, picker = picker, clusters = clusters }
     end
+    -- The usual key (the default router's: the model header alone) and an empty record_headers list
+    -- are common enough to skip the general loops for them (fast_key, record_headers_map).
+    local key_is_model = #key_headers == 1 and key_headers[1] == model_header
     return {
+        key_is_model = key_is_model,
+        gen_mp = enc_uint(blob.generation or 0), -- the record's "gen" value, encoded once
         cacheable = cacheable,
         key_headers = key_headers,
         model_header = model_header,
@@ -847,6 +852,9 @@ end
 -- The cache key of a request: for each key header, "\1" when absent, else "\0" .. value, the
 -- model header's value being the body's model (as the sidecar sets it). nil: not cacheable.
 local function fast_key(cfg, headers, model)
+    if cfg.key_is_model then
+        return "\0" .. model
+    end
     local parts = {}
     local key_headers = cfg.key_headers
     for i = 1, #key_headers do
@@ -865,6 +873,9 @@ end
 -- The request headers a completion record carries, as a msgpack map.
 local function record_headers_map(cfg, headers)
     local names = cfg.record_headers
+    if names ~= true and #names == 0 then
+        return MAP_HEAD[0]
+    end
     local map
     if names == true then
         map = header_map(pairs(headers))
@@ -897,16 +908,13 @@ local K_SERVED = "\166served"
 -- The request half of a completion record: msgpack map entries (without the map head) and their
 -- count. `t` is already msgpack.
 local function record_head(cfg, headers_map, t, model, rule, backend)
-    local parts = { K_T, t, K_MODEL, str_head(#model), model, K_RULE, str_head(#rule), rule,
-        K_GEN, enc_uint(cfg.generation or 0), K_HEADERS, headers_map }
-    -- (t, model, rule, gen, headers [, backend])
-    local n = 5
+    -- (t, model, rule, gen, headers [, backend]): one concatenation, no table
+    local n, last = 5, ""
     if backend then
-        local k = #parts
-        parts[k + 1], parts[k + 2], parts[k + 3] = K_BACKEND, str_head(#backend), backend
-        n = 6
+        n, last = 6, K_BACKEND .. str_head(#backend) .. backend
     end
-    return { pairs = tbl_concat(parts), n = n }
+    return { n = n, pairs = K_T .. t .. K_MODEL .. str_head(#model) .. model .. K_RULE
+        .. str_head(#rule) .. rule .. K_GEN .. cfg.gen_mp .. K_HEADERS .. headers_map .. last }
 end
 
 -- A whole record: the request half plus what the response phase knows.
@@ -916,19 +924,20 @@ local function record_body(head, status, t_first, t_end, stream, kept, truncated
         return nil, err
     end
     local n = head.n + 5
-    local tail = { K_T_END, t_end, K_STATUS, enc_uint(status or 0),
-        K_STREAM, stream and TRUE or FALSE, K_TRUNCATED, truncated and TRUE or FALSE }
-    local k = 8
+    local first, last = "", ""
     if t_first then
-        tail[k + 1], tail[k + 2] = K_T_FIRST, t_first
-        k, n = k + 2, n + 1
-    end
-    if served then
-        tail[k + 1], tail[k + 2], tail[k + 3] = K_SERVED, str_head(#served), served
+        first = K_T_FIRST .. t_first
         n = n + 1
     end
-    return (MAP_HEAD[n] or enc_len(n, 0x80, 15, 0xde, 0xdf)) .. head.pairs .. tbl_concat(tail)
-        .. K_BODY .. body_head .. kept
+    if served then
+        last = K_SERVED .. str_head(#served) .. served
+        n = n + 1
+    end
+    -- One concatenation (plus the optional pairs): no table, the record made once.
+    return (MAP_HEAD[n] or enc_len(n, 0x80, 15, 0xde, 0xdf)) .. head.pairs .. K_T_END .. t_end
+        .. K_STATUS .. enc_uint(status or 0) .. K_STREAM .. (stream and TRUE or FALSE)
+        .. K_TRUNCATED .. (truncated and TRUE or FALSE) .. first .. last .. K_BODY .. body_head
+        .. kept
 end
 _M.record_body, _M.record_head = record_body, record_head
 
