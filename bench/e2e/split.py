@@ -36,6 +36,16 @@ def paired_delta(result: dict[str, Any], key: str, base: str, hi: int) -> float 
     return statistics.median(deltas) if deltas else None
 
 
+def paired_quartiles(result: dict[str, Any], key: str, base: str, hi: int) -> tuple[float, float] | None:
+    """The first and third quartiles of those per-round differences: the noise gauge."""
+    a, b = _envoy_by_round(result, key, hi), _envoy_by_round(result, base, hi)
+    deltas = sorted(a[r] - b[r] for r in a if r in b)
+    if len(deltas) < 2:
+        return None
+    q = statistics.quantiles(deltas, n=4)
+    return q[0], q[2]
+
+
 def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     summary = result.get("summary") or summarise(result)
     hi = result["params"]["concurrency"][1]
@@ -48,6 +58,7 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({
             "number": s["number"], "key": key, "label": s["label"], "envoy_us": envoy,
             "vs_shipped_us": paired_delta(result, key, SHIPPED, hi),
+            "vs_shipped_q": paired_quartiles(result, key, SHIPPED, hi) if key != SHIPPED else None,
             "rps_vs_inline": _rps_ratio(runs, key, INLINE, hi) if INLINE in summary else None,
             "rps_vs_shipped": _rps_ratio(runs, key, SHIPPED, hi) if SHIPPED in summary else None,
             "added_p50_us": added,
@@ -61,13 +72,14 @@ def markdown(result: dict[str, Any]) -> str:
         return "—" if v is None else format(v, fmt)
 
     lines = [
-        "| # | configuration | Envoy µs/request | vs 5 | req/s / inline Lua's | req/s / 5's | added p50 µs "
+        "| # | configuration | Envoy µs/request | vs 5 (quartiles) | req/s / inline Lua's | req/s / 5's | added p50 µs "
         "| / httpCall floor's |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows(result):
+        q = f" ({r['vs_shipped_q'][0]:+.1f}…{r['vs_shipped_q'][1]:+.1f})" if r["vs_shipped_q"] else ""
         lines.append(
-            f"| {r['number']} | {r['label']} | {f(r['envoy_us'], '.1f')} | {f(r['vs_shipped_us'], '+.1f')} "
+            f"| {r['number']} | {r['label']} | {f(r['envoy_us'], '.1f')} | {f(r['vs_shipped_us'], '+.1f')}{q} "
             f"| {f(r['rps_vs_inline'], '.2f')} | {f(r['rps_vs_shipped'], '.2f')} | {f(r['added_p50_us'], '+.0f')} "
             f"| {f(r['added_vs_httpcall'], '.2f')} |"
         )
