@@ -403,7 +403,7 @@ def test_pipelining_keeps_order_around_async_answers(client: Client) -> None:
     started = time.monotonic()
     client.send(b"".join(reqs))
     answers = [client.read_response() for _ in reqs]
-    assert time.monotonic() - started >= 0.15
+    assert time.monotonic() - started >= 0.14  # the slow answers were awaited (uvloop timers may fire ~1 ms early)
     healthz = answers.pop(3)
     assert orjson.loads(healthz.body)["status"] == "ok"
     assert [rule_of(r.decode()) for r in answers] == EXPECTED_RULES
