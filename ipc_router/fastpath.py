@@ -153,7 +153,7 @@ def completion_of(msg: RecordMessage, backends: Mapping[str, Backend]) -> Comple
     return Completion(
         headers=msg.headers, model=msg.model, backend=backend, status=msg.status, stream=msg.stream,
         start=msg.t * _NS, first=msg.t_first * _NS if msg.t_first is not None else None,
-        end=msg.t_end * _NS, body=body, truncated=msg.truncated,
+        end=msg.t_end * _NS, body=body, truncated=msg.truncated, incomplete=msg.incomplete,
     )  # fmt: skip
 
 

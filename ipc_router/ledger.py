@@ -70,6 +70,9 @@ class Completion:
     end: float
     body: bytes
     truncated: bool
+    #: The response phase never ran (the stream was reset): nothing to record but the count, as the socket
+    #: path's expiry counts a ``/complete`` that never came.
+    incomplete: bool = False
 
 
 class CompletionAggregator(Protocol):
@@ -203,6 +206,9 @@ class Ledger:
 
     def record(self, c: Completion) -> None:
         """Record a completion that carries its own start (a ring record, or ``/record``). Never raises."""
+        if c.incomplete:
+            self.stats.expired += 1
+            return
         if self.aggregator is not None:
             self._aggregate(c, self.attributes(c.headers))
             return

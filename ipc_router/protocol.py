@@ -280,6 +280,8 @@ class RecordMessage(msgspec.Struct):
     body: bytes = b""
     #: As :attr:`CompleteMessage.served`.
     served: str | None = None
+    #: The filter forgot this request after ``pending_timeout_s`` without its response phase ever running.
+    incomplete: bool = False
 
 
 class RecordMessageJSON(RecordMessage):

@@ -233,6 +233,7 @@ def test_new_defaults(lua: Lua) -> None:
         b"served_header": b"x-ai-eg-served-backend",
         b"max_response_body": 1048576,
         b"stream_tail_bytes": 16384,
+        b"pending_timeout_s": 600,
     }
     assert py(f.paths) == {b"/v1/chat/completions": True}
 
@@ -248,6 +249,8 @@ def test_new_defaults(lua: Lua) -> None:
         {"llm_paths": "/v1/chat/completions"},
         {"max_response_body": -1},
         {"no_such_key": 1},
+        {"pending_timeout_s": 0},
+        {"pending_timeout_s": "600"},
     ],
 )
 def test_new_rejects_bad_conf(lua: Lua, conf: dict[str, Any]) -> None:

@@ -236,3 +236,34 @@ def test_a_record_for_a_full_ring_goes_over_the_socket(rig: Rig) -> None:
     assert call[b"headers"][b":path"] == b"/record"
     rec = msgpack.unpackb(call[b"body"], raw=False)
     assert rec["rule"] == "gpt" and rec["model"] == "gpt-4o-mini" and rec["status"] == 200
+
+
+def test_a_response_that_never_comes_is_reported_incomplete_and_counted_expired(tmp_path: Path) -> None:
+    """A stream reset before its response phase (client or backend): Envoy never runs the filter's response
+    coroutine. The filter forgets the request after pending_timeout_s and writes an incomplete record; the sidecar
+    counts it as expired (as the socket path's expiry does) and records no GenAI metrics for it."""
+    import time
+
+    rig = Rig(tmp_path)
+    try:
+        rig.filter = rig.lua.filter(shm_path=rig.path, pending_timeout_s=0.05)
+        rig.request(body("gpt-4o-mini"))  # the miss, never answered
+        hit = rig.request(body("gpt-4o-mini"))  # a hit, answered below
+        time.sleep(0.06)
+        rig.request(body("gpt-4o-mini"))  # first swap: both move to the old table
+        assert rig.response(hit, ['{"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}']).ok
+        time.sleep(0.06)
+        rig.request(body("gpt-4o-mini"))  # second swap: what is still there was never answered
+        assert rig.fast.drain() == 2  # the answered hit's record and one incomplete record
+        assert rig.service.stats.expired == 1
+        assert rig.service.stats.records["ring"] == 2
+        data = rig.reader.get_metrics_data()
+        assert data is not None
+        counts = [
+            p.count
+            for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+            if m.name == "gen_ai.server.request.duration" for p in m.data.data_points
+        ]  # fmt: skip
+        assert counts == [1]  # only the answered request
+    finally:
+        rig.close()

@@ -33,6 +33,7 @@
 
 local type = type
 local pairs = pairs
+local next = next
 local pcall = pcall
 local error = error
 local tostring = tostring
@@ -492,6 +493,7 @@ local DEFAULTS = {
     max_response_body = 1048576,
     stream_tail_bytes = 16384,
     shm_path = false, -- false: no shared-memory fast path (every request asks the sidecar)
+    pending_timeout_s = 600, -- how long a fast-path response may take to end and still be recorded
     -- The header naming the Envoy cluster (the sidecar sets it; a client never may).
     cluster_header = "x-ai-eg-selected-cluster",
     -- Added by Envoy on failover routes: the backend that answered. Read, then removed.
@@ -542,6 +544,9 @@ function _M.new(conf)
     check_int(c, "complete_timeout_ms", 0)
     check_int(c, "max_response_body", 0)
     check_int(c, "stream_tail_bytes", 0)
+    if type(c.pending_timeout_s) ~= "number" or c.pending_timeout_s <= 0 then
+        error("ipc_router: conf.pending_timeout_s must be a positive number", 2)
+    end
     if c.failure_mode ~= "fail_closed" and c.failure_mode ~= "fail_open" then
         error('ipc_router: conf.failure_mode must be "fail_closed" or "fail_open"', 2)
     end
@@ -596,7 +601,7 @@ function _M.new(conf)
         },
     }
     if c.shm_path then
-        self.fast = new_fast_path(c.shm_path)
+        self.fast = new_fast_path(c.shm_path, c.pending_timeout_s)
     end
     return setmetatable(self, mt)
 end
@@ -607,7 +612,6 @@ end
 ---------------------------------------------------------------------------------------------------
 
 local RETRY_OPEN_S = 1 -- a missing, stopped or bad segment is opened again at most this often
-local PENDING_SWAP_S = 60 -- a request whose response never came is forgotten after 60..120 s
 
 local function now_s()
     if clock_parts then
@@ -776,15 +780,18 @@ local function fast_config(blob)
 end
 _M.fast_config = fast_config
 
-function new_fast_path(path)
+function new_fast_path(path, pending_s)
     local fast = {
         path = path,
+        pending_s = pending_s,
         seg = nil, -- the mapped segment (ipc_router_shm), nil until opened
         cfg = nil, -- fast_config() of its current generation
         retry_at = 0,
         last_err = nil,
         -- Per-request state between request and response phase, by token (kept in the stream's
-        -- dynamic metadata). Two tables swapped every PENDING_SWAP_S: nothing outlives two swaps.
+        -- dynamic metadata). Two tables swapped every conf.pending_timeout_s (600 s, as the
+        -- sidecar's --request-ttl): a response may end that long after its request; nothing
+        -- outlives two swaps, and what a swap drops is reported as incomplete (see remember()).
         pending = {},
         pending_old = {},
         swap_at = 0,
@@ -942,11 +949,28 @@ end
 _M.record_body, _M.record_head = record_body, record_head
 
 -- Keeps a record head until the response phase; returns the token stored in the stream.
+-- The record of a request whose response phase never ran (the client or the backend reset the
+-- stream): the sidecar counts it as expired, as the socket path counts a /complete that never came.
+local K_INCOMPLETE = "\170incomplete"
+local function report_incomplete(fast, heads)
+    local seg = fast.seg
+    if not seg or next(heads) == nil then
+        return
+    end
+    local tail = K_T_END .. (now_msgpack() or "\0") .. K_STATUS .. "\0" .. K_INCOMPLETE .. TRUE
+    for _, head in pairs(heads) do
+        local n = head.n + 3
+        seg:write((MAP_HEAD[n] or enc_len(n, 0x80, 15, 0xde, 0xdf)) .. head.pairs .. tail)
+    end
+end
+
 local function remember(fast, head)
     local t = now_s()
     if t >= fast.swap_at then
+        local dropped = fast.pending_old
         fast.pending_old, fast.pending = fast.pending, {}
-        fast.swap_at = t + PENDING_SWAP_S
+        fast.swap_at = t + fast.pending_s
+        report_incomplete(fast, dropped)
     end
     local token = fast.token + 1
     fast.token = token
