@@ -254,6 +254,8 @@ class BootstrapOptions:
         sidecar over the socket.
     :param sds_dir: where the SDS files for keys read from files go (:func:`ipc_router.envoy_upstreams.sds_files`
         writes them); needed only when a backend's ``auth`` names a file, or with ``cds_path``.
+    :param pending_timeout_s: on the fast path, how long after its request a response may end and still be
+        recorded; a request forgotten then (its stream was reset) is reported incomplete and counted expired.
     :param cds_path: backend clusters from this file (file-based CDS) instead of the bootstrap; the sidecar
         (``serve --cds-path``) writes it from each config it loads, so new backends need no Envoy restart. All
         credentials are then SDS files in ``sds_dir``.
@@ -277,6 +279,7 @@ class BootstrapOptions:
     shm_path: str | None = None
     sds_dir: str | None = None
     cds_path: str | None = None
+    pending_timeout_s: float = 600.0
 
 
 def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwargs: Any) -> dict[str, Any]:
@@ -348,6 +351,7 @@ def lua_config(config: Config, options: BootstrapOptions) -> str:
     modules: dict[str, str] = {}
     if options.shm_path is not None:
         conf["shm_path"] = options.shm_path
+        conf["pending_timeout_s"] = options.pending_timeout_s
         modules = {name: lua_filter_source(name) for name in FAST_PATH_MODULES}
     source = lua_filter_source() if options.lua_source is None else options.lua_source
     return lua_loader(source, conf, modules)

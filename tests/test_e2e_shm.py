@@ -6,6 +6,7 @@ rings. Every test here checks the sidecar's own counters as well as what the bac
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -299,3 +300,35 @@ def test_a_sidecar_restarted_without_the_fast_path_retires_the_segment(backends:
             return sum(samples(scrape(s.metrics_url or ""), "gen_ai_server_request_duration_seconds_count"))
 
         assert wait_until(lambda: count() == 6, timeout=5), count()
+
+
+@pytest.mark.parametrize("shm", [True, False], ids=["shm", "socket"])
+def test_a_backend_that_resets_mid_stream_is_counted_and_leaves_nothing(
+    backends: Backends, tmp_path: Path, shm: bool
+) -> None:
+    """The backend sends the headers and two chunks, then resets its connection. The client gets a cut stream; no
+    GenAI metrics are recorded (there is no usage); the request is counted as expired, and no state is left: the
+    socket path's in-flight entry expires (--request-ttl 1), the fast path's filter forgets the request after its
+    pending_timeout_s and reports it incomplete."""
+    cfg = write_config(tmp_path / "config.yaml", [model_rule("m", "m-reset", "a")], backends)
+    with Stack(
+        str(cfg), metrics_port=free_port(), shm=shm, sidecar_args=["--request-ttl", "1"], pending_timeout_s=0.5
+    ) as s:
+        assert request(s.url, PATH, sdk_body("m-reset")).status == 200
+        backends["a"].config.abort_after = 2
+        try:
+            with pytest.raises((OSError, http.client.HTTPException)):
+                request(s.url, PATH, json.dumps(chat("m-reset", stream=True)).encode())
+        finally:
+            backends["a"].config.abort_after = None
+
+        def expired() -> int:
+            # The fast path's filter notices when later requests arrive (it checks its table then).
+            request(s.url, PATH, sdk_body("m-reset"))
+            return int(stats(s)["expired"])
+
+        assert wait_until(lambda: expired() >= 1, timeout=8, interval=0.3), stats(s)
+        st = stats(s)
+        assert st["in_flight"] == 0
+        text = scrape(s.metrics_url or "")
+        assert samples(text, "gen_ai_server_request_duration_seconds_count", error_type="incomplete") == []

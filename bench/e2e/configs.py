@@ -108,8 +108,9 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         "on_response: body kept, no record_body and no ring write",
         (
             (
-                "    if record then\n        local payload, err = record_body(",
-                "    if record then do return end\n        local payload, err = record_body(",
+                "    if record then\n        forget(self.fast, md.rec)\n        local payload, err = record_body(",
+                "    if record then\n        forget(self.fast, md.rec)\n        do return end\n"
+                "        local payload, err = record_body(",
             ),
         ),
     ),

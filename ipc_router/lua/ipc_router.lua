@@ -978,15 +978,12 @@ local function remember(fast, head)
     return token
 end
 
-local function take(fast, token)
-    local head = fast.pending[token]
-    if head then
-        fast.pending[token] = nil
-        return head
-    end
-    head = fast.pending_old[token]
-    fast.pending_old[token] = nil
-    return head
+local function peek(fast, token)
+    return fast.pending[token] or fast.pending_old[token]
+end
+
+local function forget(fast, token)
+    fast.pending[token], fast.pending_old[token] = nil, nil
 end
 
 
@@ -1342,7 +1339,9 @@ function mt:on_response(handle)
     end
     local id, record = md.id, nil
     if md.rec ~= nil and self.fast then
-        record = take(self.fast, md.rec)
+        -- Looked at now, forgotten only once the record is built: a stream reset while the body
+        -- is read ends this coroutine for good, and the request stays to be reported incomplete.
+        record = peek(self.fast, md.rec)
         if not record then
             return -- forgotten (a response after minutes): nothing to add to
         end
@@ -1415,6 +1414,7 @@ function mt:on_response(handle)
     end
 
     if record then
+        forget(self.fast, md.rec)
         local payload, err = record_body(record, status, t_first, t_end, stream, kept, truncated,
             served)
         local seg = self.fast.seg

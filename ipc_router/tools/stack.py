@@ -85,6 +85,8 @@ class Stack:
     #: How long the Lua filter waits for a ``/route`` answer (the bootstrap's default: 250 ms). Load tests on a
     #: shared machine raise it: a sidecar starved of CPU for a moment is not what they test.
     route_timeout_ms: int = 250
+    #: The filter's ``pending_timeout_s`` (the fast path forgets a response that never came after this long).
+    pending_timeout_s: float = 600.0
     #: Backend clusters by file-based CDS, written by the sidecar on every config load (new backends live).
     cds: bool = False
 
@@ -160,6 +162,7 @@ class Stack:
             passthrough=self.passthrough,
             shm_path=segment_path(self.socket, self.workdir) if self.shm else None,
             route_timeout_ms=self.route_timeout_ms,
+            pending_timeout_s=self.pending_timeout_s,
             sds_dir=self.workdir,
             cds_path=self.cds_path if self.cds else None,
         )
