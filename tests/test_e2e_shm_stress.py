@@ -361,3 +361,39 @@ def test_envoy_restart_resumes_the_fast_path(backends: Backends, tmp_path: Path)
         served = [w for w, c in envoy_workers_with_connections(s).items() if c > 0]
         assert after["fast_path"]["claimed"] == len(served) > 1, (after["fast_path"], served)
         assert after["fast_path"]["drops"] == 0
+
+
+# --- a router that raises or hangs on some requests, under load ------------------------------------------------------
+
+
+def test_a_router_that_raises_or_hangs_on_some_requests_fails_only_those(backends: Backends, tmp_path: Path) -> None:
+    """Under load, a custom router raises on every 10th request and takes 1 s (over --router-timeout 0.2) on
+    another 10th: those get a 500 / 504 OpenAI-style error, every other request is routed right, and both
+    processes keep serving."""
+    path = tmp_path / "config.yaml"
+    write_atomically(path, config(kill_rules(), backends))
+    repo = Path(__file__).resolve().parent.parent
+    with Stack(str(path), router="tests.support.plugins_for_tests:mixed_router", app_dir=str(repo),
+               route_timeout_ms=ROUTE_TIMEOUT_MS) as s:  # fmt: skip
+
+        def plan(t: int, i: int) -> tuple[str, bool, dict[str, str]]:
+            extra = {"x-boom": "1"} if i % 10 == 3 else {"x-sleep-ms": "1000"} if i % 10 == 7 else {}
+            return ("gpt-4o-mini", "llama3.3")[(t + i) % 2], i % 4 == 0, extra
+
+        results = Load(s.url, plan, threads=4, max_seconds=4.0, max_requests=400).run()
+        assert s.envoy is not None and s.envoy.poll() is None, s.envoy_log()
+        assert s.sidecar is not None and s.sidecar.poll() is None, s.sidecar_log()
+    statuses: Counter[int] = Counter()
+    for r in results:
+        assert r.error is None, r.error
+        statuses[r.status] += 1
+    boom = [r for r in results if b"router_error" in r.body]
+    slow = [r for r in results if b"router_timeout" in r.body]
+    fine = [r for r in results if r.status == 200]
+    assert boom and all(r.status == 500 for r in boom)
+    assert slow and all(r.status == 504 for r in slow)
+    assert len(boom) + len(slow) + len(fine) == len(results), statuses
+    for r in fine:
+        assert r.backend == {"gpt-4o-mini": "b", "llama3.3": "a"}[r.model]
+    # Every 10th request raised and every 10th slept (the plan is per thread: the shares hold over the run).
+    assert abs(len(boom) - len(results) / 10) <= 4 * 2 and abs(len(slow) - len(results) / 10) <= 4 * 2
