@@ -122,11 +122,7 @@ class FastPath:
 
     def record(self, msg: RecordMessage) -> None:
         """One completion (from a ring, or ``/record``)."""
-        completion = completion_of(msg, self._backends)
-        if msg.served is not None:
-            served = self._backends.get(msg.served) or Backend(name=msg.served)
-            completion.backend = self.ledger.served_by(completion.backend, served)
-        self.ledger.record(completion)
+        record_message(self.ledger, msg, self._backends)
 
     def stop(self) -> int:
         """The sidecar stops: the filter goes back to the socket; what the rings still hold is recorded."""
@@ -157,6 +153,19 @@ def completion_of(msg: RecordMessage, backends: Mapping[str, Backend]) -> Comple
     )  # fmt: skip
 
 
+def backends_by_name(routing: Routing) -> dict[str, Backend]:
+    return {b.name: b for r in routing.config.rules for b in r.backends}
+
+
+def record_message(ledger: Ledger, msg: RecordMessage, backends: Mapping[str, Backend]) -> None:
+    """Record one completion record, with the backend that served it when a failover changed it."""
+    completion = completion_of(msg, backends)
+    if msg.served is not None:
+        served = backends.get(msg.served) or Backend(name=msg.served)
+        completion.backend = ledger.served_by(completion.backend, served)
+    ledger.record(completion)
+
+
 def retire_segment(path: str, ledger: Ledger, routing: Routing) -> int | None:
     """A sidecar started without the fast path: a segment an earlier sidecar left at ``path`` is drained (its
     records are recorded) and stopped, so that no Envoy worker keeps serving from it or writing into rings nobody
@@ -165,15 +174,10 @@ def retire_segment(path: str, ledger: Ledger, routing: Routing) -> int | None:
         return None
     segment, leftover = Segment.open(path)
     leftover += segment.stop()
-    backends = {b.name: b for r in routing.config.rules for b in r.backends}
+    fast = FastPath(segment, ledger)  # never published: only its record decoding is used
+    fast._backends = backends_by_name(routing)
     for payload in leftover:
-        try:
-            msg = _RECORD.decode(payload)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            ledger.stats.records["bad"] += 1
-            continue
-        ledger.stats.records["ring"] += 1
-        ledger.record(completion_of(msg, backends))
+        fast.record_bytes(payload)
     return len(leftover)
 
 

@@ -21,6 +21,7 @@ from opentelemetry.metrics import Meter, NoOpMeter
 from ipc_router import extensions, stats
 from ipc_router.config import ORIGINAL_PATH_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY, Backend, Config
 from ipc_router.envoy_upstreams import CLUSTER_HEADER, cluster_map
+from ipc_router.fastpath import backends_by_name, record_message
 from ipc_router.ledger import CompletionAggregator, Ledger, Stats
 from ipc_router.metrics import new_default_chat_completion_metrics
 from ipc_router.protocol import (
@@ -361,11 +362,8 @@ class Service:
             return Response(204, after=lambda: sink.record(msg))
         # A filter still on a fast path this sidecar does not run (it was restarted with --no-shm): the record is
         # self-contained, so it is recorded all the same.
-        from ipc_router.fastpath import completion_of
-
-        config = self.routing.config
-        backends = {b.name: b for r in config.rules for b in r.backends}
-        return Response(204, after=lambda: self.ledger.record(completion_of(msg, backends)))
+        backends = backends_by_name(self.routing)
+        return Response(204, after=lambda: record_message(self.ledger, msg, backends))
 
     # --- /v1/models, /stats ---------------------------------------------------------------------------------------
 
