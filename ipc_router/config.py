@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ipc_router.costs import CostError, compile_cel
 from ipc_router.credentials import Credential, CredentialError, parse_auth
 
 RouteRuleName: TypeAlias = str
@@ -38,8 +39,9 @@ _SCHEMAS: tuple[str, ...] = ("OpenAI", "AWSBedrock", "AzureOpenAI")
 _COST_TYPES = ("InputToken", "OutputToken", "TotalToken", "CEL")
 _TOP_KEYS = (
     "schema", "modelNameHeaderKey", "selectedRouteHeaderKey", "metadataNamespace", "llmRequestCosts", "rules",
-    "uuid", "server",
+    "uuid", "server", "tokenBudgets",
 )  # fmt: skip
+_BUDGET_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 
 
 class ConfigError(ValueError):
@@ -114,6 +116,24 @@ class LLMRequestCost:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """One ``tokenBudgets`` entry (ours): at most ``limit`` of the cost ``cost`` per ``unit`` for each distinct
+    value of ``headers``; Envoy's rate limit filter enforces it (see :mod:`ipc_router.budgets`)."""
+
+    name: str
+    #: The ``metadataKey`` of an ``llmRequestCosts`` entry.
+    cost: str
+    #: Request headers (lower-case) whose values pick the budget; a request without one of them is not limited.
+    headers: tuple[str, ...]
+    limit: int
+    unit: str = "minute"
+
+    @property
+    def seconds(self) -> int:
+        return _BUDGET_UNITS[self.unit]
+
+
+@dataclass(frozen=True, slots=True)
 class ServerSettings:
     """Optional ``server:`` section of ours. Command-line flags and ``IPC_ROUTER_*`` variables take precedence."""
 
@@ -132,6 +152,7 @@ class Config:
     rules: tuple[RouteRule, ...] = ()
     uuid: str = ""
     server: ServerSettings = field(default_factory=ServerSettings)
+    token_budgets: tuple[TokenBudget, ...] = ()
     #: Unknown keys met while reading (ignored, as the AI Gateway adds keys over time), each as
     #: ``"rules[0].header: unknown key; did you mean 'headers'?"``.
     warnings: tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -157,6 +178,11 @@ class Config:
             out["llmRequestCosts"] = [
                 {"metadataKey": c.metadata_key, "type": c.type, **({"cel": c.cel} if c.cel else {})}
                 for c in self.llm_request_costs
+            ]
+        if self.token_budgets:
+            out["tokenBudgets"] = [
+                {"name": b.name, "cost": b.cost, "headers": list(b.headers), "limit": b.limit, "unit": b.unit}
+                for b in self.token_budgets
             ]
         server = {
             k: v
@@ -208,6 +234,15 @@ def not_in_bootstrap(started: Config, new: Config) -> Iterator[str]:
                 yield f"backend {b.name!r} of rule {r.name!r} is new"
         if r.failover and orders.get(r.name) != _failover_order(r):
             yield f"failover rule {r.name!r} is new or changed its backends"
+
+
+def budgets_not_in_bootstrap(started: Config, new: Config) -> Iterator[str]:
+    """Token budgets of ``new`` that a bootstrap generated from ``started`` sends Envoy no descriptor for: new
+    names or changed headers. A budget's limit, unit and cost change live."""
+    known = {(b.name, b.headers) for b in started.token_budgets}
+    for b in new.token_budgets:
+        if (b.name, b.headers) not in known:
+            yield f"token budget {b.name!r} is new or changed its headers"
 
 
 def _failover_order(r: RouteRule) -> tuple[str, ...]:
@@ -334,6 +369,16 @@ class _Reader:
             self.cost(c, f"llmRequestCosts[{i}]")
             for i, c in enumerate(self.seq(m.get("llmRequestCosts"), "llmRequestCosts"))
         )
+        budgets = tuple(
+            self.budget(b, f"tokenBudgets[{i}]", {c.metadata_key for c in costs})
+            for i, b in enumerate(self.seq(m.get("tokenBudgets"), "tokenBudgets"))
+        )
+        names: dict[str, int] = {}
+        for i, b in enumerate(budgets):
+            if b.name in names:
+                also = f"tokenBudgets[{names[b.name]}]"
+                raise self.fail(f"tokenBudgets[{i}].name", f"duplicate budget name {b.name!r} (also {also})")
+            names[b.name] = i
         uuid = m.get("uuid")
         return Config(
             schema=self.schema(m.get("schema"), "schema"),
@@ -344,6 +389,7 @@ class _Reader:
             rules=rules,
             uuid=str(uuid) if uuid is not None else "",
             server=self.server(m.get("server"), "server"),
+            token_budgets=budgets,
             warnings=tuple(self.warnings),
         )
 
@@ -463,7 +509,36 @@ class _Reader:
         cel = self.string(m, "cel", path, "")
         if kind == "CEL" and not cel:
             raise self.fail(f"{path}.cel", "is required when type is CEL")
+        if kind == "CEL":
+            try:
+                compile_cel(cel)
+            except CostError as e:
+                raise self.fail(f"{path}.cel", str(e)) from None
         return LLMRequestCost(metadata_key=key, type=kind, cel=cel)
+
+    def budget(self, raw: Any, path: str, cost_keys: set[str]) -> TokenBudget:
+        m = self.mapping(raw, path)
+        self.known(m, path, ("name", "cost", "headers", "limit", "unit"))
+        name = self.string(m, "name", path)
+        if not name or any(c in name for c in ",:\n"):
+            raise self.fail(f"{path}.name", f"must be a non-empty name without ',', ':' or newlines, not {name!r}")
+        cost = self.string(m, "cost", path)
+        if cost not in cost_keys:
+            known = ", ".join(sorted(cost_keys)) or "none: add an llmRequestCosts entry"
+            raise self.fail(f"{path}.cost", f"{cost!r} is not the metadataKey of an llmRequestCosts entry ({known})")
+        headers = self.seq(m.get("headers"), f"{path}.headers")
+        if not headers or not all(isinstance(h, str) and h.strip() for h in headers):
+            raise self.fail(f"{path}.headers", "must list one or more request header names")
+        names = tuple(h.strip().lower() for h in headers)
+        if len(set(names)) != len(names):
+            raise self.fail(f"{path}.headers", "lists a header twice")
+        limit = m.get("limit")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+            raise self.fail(f"{path}.limit", f"must be a positive integer, not {_kind(limit)} {limit!r}")
+        unit = self.string(m, "unit", path, "minute")
+        if unit not in _BUDGET_UNITS:
+            raise self.fail(f"{path}.unit", f"unknown unit {unit!r}; expected one of {', '.join(_BUDGET_UNITS)}")
+        return TokenBudget(name=name, cost=cost, headers=names, limit=limit, unit=unit)
 
     def server(self, raw: Any, path: str) -> ServerSettings:
         if raw is None:

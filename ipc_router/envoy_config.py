@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from ipc_router import envoy_upstreams as upstreams
+from ipc_router.budgets import BUDGET_DESCRIPTOR_KEY, RLS_DOMAIN, rls_socket_path
 from ipc_router.config import SELECTED_BACKEND_HEADER_KEY, Config, parse_endpoint
 from ipc_router.credentials import Credential
 
@@ -89,6 +90,9 @@ _LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _STDOUT_LOG = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_RATELIMIT = "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit"
+_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+RLS_CLUSTER = "ipc_router_rls"
 
 
 class EnvoyConfigError(ValueError):
@@ -196,8 +200,7 @@ def lua_loader(lua_source: str, conf: Mapping[str, Any], modules: Mapping[str, s
         body = source if source.endswith("\n") else source + "\n"
         preload.append(f'package.preload["{name}"] = function(...)\n{body}end\n')
     return (
-        "".join(preload)
-        + f'local filter = require("ipc_router").new({lua_literal(conf)})\n'
+        "".join(preload) + f'local filter = require("ipc_router").new({lua_literal(conf)})\n'
         "function envoy_on_request(handle) filter:on_request(handle) end\n"
         "function envoy_on_response(handle) filter:on_response(handle) end\n"
     )
@@ -259,6 +262,10 @@ class BootstrapOptions:
     :param cds_path: backend clusters from this file (file-based CDS) instead of the bootstrap; the sidecar
         (``serve --cds-path``) writes it from each config it loads, so new backends need no Envoy restart. All
         credentials are then SDS files in ``sds_dir``.
+    :param budget_timeout_ms: with ``tokenBudgets``: how long Envoy's rate limit filter waits for the sidecar's
+        answer before it lets the request through (or refuses it, with ``budget_fail_closed``).
+    :param budget_fail_closed: with ``tokenBudgets``: when the sidecar's rate limit service cannot answer, refuse
+        the request (500) instead of letting it through unchecked (Envoy counts both in ``ratelimit.*``).
     """
 
     socket_path: str
@@ -280,6 +287,8 @@ class BootstrapOptions:
     sds_dir: str | None = None
     cds_path: str | None = None
     pending_timeout_s: float = 600.0
+    budget_timeout_ms: int = 500
+    budget_fail_closed: bool = False
 
 
 def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwargs: Any) -> dict[str, Any]:
@@ -294,7 +303,7 @@ def bootstrap(config: Config, options: BootstrapOptions | None = None, /, **kwar
     opts = check_options(config, options)
     lua_code = lua_config(config, opts)
     clusters, backend_clusters = cluster_list(config, opts)
-    hcm = http_connection_manager(opts, route_list(config, opts, backend_clusters), lua_code)
+    hcm = http_connection_manager(opts, route_list(config, opts, backend_clusters), lua_code, config)
     out: dict[str, Any] = {"static_resources": {"listeners": [listener(opts, hcm)], "clusters": clusters}}
     if opts.admin is not None:
         out["admin"] = {"address": _socket_address(opts.admin, "admin")}
@@ -375,7 +384,10 @@ def cluster_list(config: Config, options: BootstrapOptions) -> tuple[list[dict[s
         scheme, host, port = _parse_endpoint(options.passthrough, "passthrough")
         ca = (options.tls_ca_file or _system_ca_file()) if scheme == "https" and options.tls_verify else None
         clusters.append(_backend_cluster(PASSTHROUGH_CLUSTER, scheme, host, port, ca))
-    return [_sidecar_cluster(options.socket_path), *clusters], backend_clusters
+    sidecar = [_sidecar_cluster(options.socket_path)]
+    if config.token_budgets:
+        sidecar.append(_rls_cluster(rls_socket_path(options.socket_path)))
+    return [*sidecar, *clusters], backend_clusters
 
 
 def upstream_clusters(
@@ -446,6 +458,11 @@ def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapp
                 **({"response_headers_to_add": [upstreams.served_header()]} if rule.failover else {}),
             }
         )
+    if config.token_budgets:
+        # Every route to a backend, and only those: the sidecar's own answers and passthrough traffic cost nothing.
+        limits = budget_rate_limits(config)
+        for r in routes[1:]:
+            r["route"]["rate_limits"] = limits
     if options.passthrough is not None:
         routes.append(
             {"name": "passthrough", "match": {"prefix": "/"}, "route": {"cluster": PASSTHROUGH_CLUSTER, **upstream}}
@@ -466,10 +483,45 @@ def route_list(config: Config, options: BootstrapOptions, backend_clusters: Mapp
     return routes
 
 
+def budget_rate_limits(config: Config) -> list[dict[str, Any]]:
+    """A route's ``rate_limits``: one descriptor per token budget, ``[ipc_router_budget=NAME, HEADER=VALUE...]``,
+    that only checks (``hits_addend`` 0): the sidecar charges each request's cost when it has completed. Envoy
+    sends no descriptor for a budget whose headers the request lacks."""
+    return [
+        {
+            "actions": [
+                {"generic_key": {"descriptor_key": BUDGET_DESCRIPTOR_KEY, "descriptor_value": b.name}},
+                *({"request_headers": {"header_name": h, "descriptor_key": h}} for h in b.headers),
+            ],
+            "hits_addend": {"number": 0},
+        }
+        for b in config.token_budgets
+    ]
+
+
+def ratelimit_filter(options: BootstrapOptions) -> dict[str, Any]:
+    """Envoy's rate limit filter, asking the sidecar's rate limit service (:mod:`ipc_router.rls`)."""
+    timeout = _duration(options.budget_timeout_ms / 1000, "budget_timeout_ms")
+    return {
+        "name": "envoy.filters.http.ratelimit",
+        "typed_config": {
+            _TYPE: _RATELIMIT,
+            "domain": RLS_DOMAIN,
+            "timeout": timeout,
+            "failure_mode_deny": options.budget_fail_closed,
+            "rate_limit_service": {
+                "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": RLS_CLUSTER}, "timeout": timeout},
+            },
+        },
+    }
+
+
 def http_connection_manager(
-    options: BootstrapOptions, routes: Sequence[Mapping[str, Any]], lua_code: str
+    options: BootstrapOptions, routes: Sequence[Mapping[str, Any]], lua_code: str, config: Config | None = None
 ) -> dict[str, Any]:
-    """The HTTP connection manager: the routes, then the Lua filter before Envoy's router."""
+    """The HTTP connection manager: the routes, then the Lua filter (and with token budgets, Envoy's rate limit
+    filter: it sees the route the Lua filter chose) before Envoy's router."""
     hcm: dict[str, Any] = {
         _TYPE: _HCM,
         "stat_prefix": "ingress_http",
@@ -486,6 +538,7 @@ def http_connection_manager(
                 "name": "envoy.filters.http.lua",
                 "typed_config": {_TYPE: _LUA, "default_source_code": {"inline_string": lua_code}},
             },
+            *([ratelimit_filter(options)] if config is not None and config.token_budgets else []),
             {"name": "envoy.filters.http.router", "typed_config": {_TYPE: _ROUTER}},
         ],
     }
@@ -583,6 +636,26 @@ def _sidecar_cluster(socket_path: str) -> dict[str, Any]:
             "thresholds": [
                 {"max_connections": limit, "max_pending_requests": limit, "max_requests": limit, "max_retries": 3}
             ]
+        },
+    }
+
+
+def _rls_cluster(path: str) -> dict[str, Any]:
+    if len(os.fsencode(path)) >= _SUN_PATH_MAX:
+        raise EnvoyConfigError(f"the rate limit service's socket path {path!r} (the socket path + '.rls') is too long")
+    return {
+        "name": RLS_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": RLS_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": path}}}}]}],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                _TYPE: _HTTP_OPTIONS,
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
         },
     }
 

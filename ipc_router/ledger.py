@@ -27,6 +27,7 @@ from typing import Protocol
 from opentelemetry.metrics import Meter, NoOpMeter
 
 from ipc_router import extensions
+from ipc_router.budgets import Budgets
 from ipc_router.config import Backend
 from ipc_router.metrics import ERROR_TYPE, Usage, extract_usage, new_default_chat_completion_metrics
 
@@ -101,6 +102,8 @@ class _InFlight:
     model: str = ""
     backend: Backend | None = None
     start: float = 0.0
+    #: The request headers its token budgets are keyed by (:meth:`Budgets.keep`).
+    budget_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 class Ledger:
@@ -118,6 +121,7 @@ class Ledger:
         clock: Callable[[], float] = time.monotonic,
         stats: Stats | None = None,
         aggregator: CompletionAggregator | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.meter: Meter = meter if meter is not None else NoOpMeter("ipc_router")
         custom = metrics_factory or extensions.new_custom_chat_completion_metrics
@@ -132,6 +136,8 @@ class Ledger:
         self.stats = stats if stats is not None else Stats()
         # Only the default metrics can be aggregated: a plugin gets its per-request objects.
         self.aggregator = aggregator if not self.custom_metrics else None
+        #: Token budgets, charged with each completed request's costs (none until configured).
+        self.budgets = budgets if budgets is not None else Budgets()
         self.in_flight: OrderedDict[str, _InFlight] = OrderedDict()
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-{int(time.time()):x}-"
@@ -143,7 +149,9 @@ class Ledger:
     def record_header_names(self) -> tuple[str, ...] | None:
         """The request headers a self-contained completion must carry; ``None``: all of them (a metrics plugin
         may read any header in ``start_request``)."""
-        return None if self.custom_metrics else tuple(h for h, _ in self.header_attributes)
+        if self.custom_metrics:
+            return None
+        return tuple(dict.fromkeys([*(h for h, _ in self.header_attributes), *self.budgets.header_names]))
 
     # --- the socket path: start ... complete ----------------------------------------------------------------------
 
@@ -152,12 +160,13 @@ class Ledger:
         failed to start: that request is simply not tracked)."""
         key = self._id_prefix + str(next(self._ids))
         expires = self.clock() + self.request_ttl
+        kept = self.budgets.keep(headers) if self.budgets.header_names else {}
         if self.aggregator is not None:
-            self._track(key, _InFlight(None, self.attributes(headers), expires, model, backend, t))
+            self._track(key, _InFlight(None, self.attributes(headers), expires, model, backend, t, kept))
             return key
         metrics = self._begin(headers, model, backend, t)
         if metrics is not None:
-            self._track(key, _InFlight(metrics, self.attributes(headers), expires, backend=backend))
+            self._track(key, _InFlight(metrics, self.attributes(headers), expires, model, backend, t, kept))
         return key
 
     def complete(
@@ -183,7 +192,7 @@ class Ledger:
         if metrics is None:
             done = Completion(entry.attrs, entry.model, backend, status, stream, entry.start, first, end, body,
                               truncated)  # fmt: skip
-            return lambda: self._aggregate(done, entry.attrs)
+            return lambda: self._aggregate(done, entry.attrs, entry.budget_headers)
 
         def record() -> None:
             if backend is not entry.backend and backend is not None:
@@ -191,7 +200,8 @@ class Ledger:
                     metrics.set_backend(backend)
                 except Exception:
                     self._metrics_failed()
-            self._finish(metrics, entry.attrs, status, first, end, stream, body, truncated)
+            usage = self._finish(metrics, entry.attrs, status, first, end, stream, body, truncated)
+            self._charge(entry.budget_headers, entry.model, backend, usage)
 
         return record
 
@@ -210,23 +220,38 @@ class Ledger:
             self.stats.expired += 1
             return
         if self.aggregator is not None:
-            self._aggregate(c, self.attributes(c.headers))
+            self._aggregate(c, self.attributes(c.headers), c.headers)
             return
         metrics = self._begin(c.headers, c.model, c.backend, c.start)
         if metrics is not None:
-            self._finish(
+            usage = self._finish(
                 metrics, self.attributes(c.headers), c.status, c.first, c.end, c.stream, c.body, c.truncated
             )
+        else:
+            usage = self._usage(c.status, c.stream, c.body, c.truncated) if self.budgets.active else None
+        self._charge(c.headers, c.model, c.backend, usage)
 
-    def _aggregate(self, c: Completion, attrs: Mapping[str, str]) -> None:
+    def _aggregate(self, c: Completion, attrs: Mapping[str, str], budget_headers: Mapping[str, str]) -> None:
         assert self.aggregator is not None
+        usage = self._usage(c.status, c.stream, c.body, c.truncated)
         try:
-            self.aggregator.add(
-                c.model, c.backend, c.status, c.stream, c.start, c.first, c.end,
-                self._usage(c.status, c.stream, c.body, c.truncated), attrs,
-            )  # fmt: skip
+            self.aggregator.add(c.model, c.backend, c.status, c.stream, c.start, c.first, c.end, usage, attrs)
         except Exception:
             self._metrics_failed()
+        self._charge(budget_headers, c.model, c.backend, usage)
+
+    def _charge(self, headers: Mapping[str, str], model: str, backend: Backend | None, usage: Usage | None) -> None:
+        """A completed request's costs go to its token budgets (a response without usage costs nothing)."""
+        if usage is None or not self.budgets.active:
+            return
+        try:
+            self.budgets.charge(
+                headers, model, backend.name if backend is not None else "",
+                usage.input_tokens, usage.output_tokens, usage.total_tokens,
+            )  # fmt: skip
+        except Exception:  # a bug in the books must not lose the metrics recorded above
+            self.budgets.events["charge_errors"] += 1
+            log.exception("charging a token budget failed")
 
     # --- expiry ---------------------------------------------------------------------------------------------------
 
@@ -283,7 +308,7 @@ class Ledger:
         stream: bool,
         body: bytes,
         truncated: bool,
-    ) -> None:
+    ) -> Usage | None:
         success = 200 <= status < 300
         usage = self._usage(status, stream, body, truncated)
         token = extensions.set_request_time(end)
@@ -301,6 +326,7 @@ class Ledger:
             self._metrics_failed()
         finally:
             extensions.reset_request_time(token)
+        return usage
 
     def _metrics_failed(self) -> None:
         self.stats.plugin_errors["metrics"] += 1

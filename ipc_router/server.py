@@ -17,13 +17,21 @@ import stat
 import struct
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Any, cast
 
 import orjson
 
 from ipc_router import extensions, shm
 from ipc_router.aggregate import Aggregator
-from ipc_router.config import Config, ConfigError, default_config, load_config, not_in_bootstrap
+from ipc_router.budgets import rls_socket_path
+from ipc_router.config import (
+    Config,
+    ConfigError,
+    budgets_not_in_bootstrap,
+    default_config,
+    load_config,
+    not_in_bootstrap,
+)
 from ipc_router.fastpath import FastPath, open_fast_path, retire_segment, segment_path
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
@@ -272,6 +280,7 @@ class Sidecar:
             request_ttl=settings.request_ttl,
             aggregator=_aggregator(telemetry) if metrics_factory is None else None,
         )
+        self.service.ledger.budgets.configure(routing.config)
         self.service.stats.reloads["ok"] += 1
         self.connections: set[_SidecarProtocol] = set()
         self.tasks: set[asyncio.Task[Response]] = set()
@@ -280,6 +289,8 @@ class Sidecar:
         self._watcher: asyncio.Future[None] | None = None
         self.fast_path: FastPath | None = None
         self._drainer: asyncio.Future[None] | None = None
+        self._rls: Any = None  # grpclib's Server, imported only when a config has token budgets
+        self._rls_task: asyncio.Future[None] | None = None
 
     # --- config reload --------------------------------------------------------------------------------------------
 
@@ -301,6 +312,9 @@ class Sidecar:
         cds = self.settings.cds_path is not None and self._write_clusters(routing.config)
         self.generation += 1
         self.service.routing = routing
+        self.service.ledger.budgets.configure(routing.config)  # before publishing: the records' headers follow
+        if routing.config.token_budgets and self._rls_task is None and self._server is not None:
+            self._rls_task = asyncio.ensure_future(self._start_rls())
         if self.fast_path is not None:
             self.fast_path.publish(routing)
         self.service.stats.reloads["ok"] += 1
@@ -312,6 +326,12 @@ class Sidecar:
                 "config generation %d: %s, which was not in the config the sidecar started with: the running "
                 "Envoy has no cluster for it and answers 503 until its bootstrap is regenerated "
                 "(ipc-router envoy-config) and Envoy restarted",
+                self.generation, missing,
+            )  # fmt: skip
+        for missing in budgets_not_in_bootstrap(self.started_with, routing.config):
+            log.warning(
+                "config generation %d: %s: the running Envoy does not ask about it until its bootstrap is "
+                "regenerated (ipc-router envoy-config) and Envoy restarted; limits, units and costs change live",
                 self.generation, missing,
             )  # fmt: skip
         return True
@@ -398,9 +418,24 @@ class Sidecar:
         self._server = await loop.create_unix_server(lambda: _SidecarProtocol(self), path, backlog=1024)
         os.chmod(path, self.settings.socket_mode)
         self._open_fast_path()
+        if self.service.routing.config.token_budgets:
+            self._rls_task = asyncio.ensure_future(self._start_rls())
+            await self._rls_task
         self._watcher = asyncio.ensure_future(self._watch())
         for line in self.summary():
             log.info("%s", line)
+
+    async def _start_rls(self) -> None:
+        from ipc_router.rls import start_server
+
+        path = rls_socket_path(self.settings.socket)
+        try:
+            self._rls = await start_server(self.service.ledger.budgets, path, self.settings.socket_mode)
+        except (OSError, ValueError) as e:
+            log.error("token budgets not enforced: cannot serve the rate limit service on %s: %s", path, e)
+            return
+        names = ", ".join(self.service.ledger.budgets.names())
+        log.info("token budgets (%s): rate limit service on %s", names, path)
 
     def summary(self) -> list[str]:
         """What runs, for the start-up log."""
@@ -446,6 +481,16 @@ class Sidecar:
             log.info("shared-memory segment removed (%d final records)", n)
             self.fast_path = self.service.fast_path = None
         self.service.flush()
+        if self._rls_task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rls_task
+        if self._rls is not None:
+            self._rls.close()
+            await self._rls.wait_closed()
+            self._rls = None
+            if not self.settings.socket.startswith("@"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(rls_socket_path(self.settings.socket))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.settings.socket)
         self._server = None

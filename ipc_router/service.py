@@ -114,7 +114,7 @@ def _error(status: int, message: str, type_: str, code: str) -> Response:
 
 
 class Service:
-    """Handles ``/route``, ``/complete``, ``/healthz``, ``/v1/models`` and ``/stats``.
+    """Handles ``/route``, ``/complete``, ``/record``, ``/healthz``, ``/v1/models``, ``/stats`` and ``/budgets``.
 
     ``routing`` may be replaced at any time (hot reload); each request uses the object it started with.
     """
@@ -134,7 +134,7 @@ class Service:
     ) -> None:
         self.routing = routing
         self.meter: Meter = meter if meter is not None else NoOpMeter("ipc_router")
-        self.ledger = Ledger(
+        self.ledger: Ledger = Ledger(
             meter=self.meter, metrics_factory=metrics_factory, header_attributes=header_attributes,
             request_ttl=request_ttl, max_in_flight=max_in_flight, clock=clock, aggregator=aggregator,
         )  # fmt: skip
@@ -187,6 +187,10 @@ class Service:
         if path == "/stats":
             self.stats.requests["stats", "ok"] += 1
             return Response(200, orjson.dumps(self.snapshot()), JSON)
+        if path == "/budgets":
+            self.stats.requests["budgets", "ok"] += 1
+            body = {"budgets": self.ledger.budgets.snapshot(), "events": dict(self.ledger.budgets.events)}
+            return Response(200, orjson.dumps(body), JSON)
         return self._reject(req, "unknown", 404, f"unknown path {path!r}")
 
     def _reject(self, req: Request, endpoint: str, status: int, message: str) -> Response:

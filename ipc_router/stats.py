@@ -133,6 +133,9 @@ STATS: tuple[Stat, ...] = (
          lambda svc: dict(svc.stats.limits), _by("limit")),
     Stat("refused_peers", "ipc_router.peers_refused",
          "Connections refused because the peer's uid/gid is not allowed.", lambda svc: svc.stats.refused_peers),
+    Stat("budgets", "ipc_router.budget_events",
+         "Token budgets: descriptors checked, over_limit, requests charged, cost_errors, unknown_budget, evicted keys.",
+         lambda svc: dict(svc.ledger.budgets.events), _by("event")),
 )
 # fmt: on
 

@@ -624,6 +624,7 @@ def test_stats_shape() -> None:
         "fast_path": None,
         "limits": {},
         "refused_peers": 0,
+        "budgets": {},
     }
     # the no-match decision is not cached: a router exception is not a rule name
     assert svc.snapshot()["cache"]["size"] == 1

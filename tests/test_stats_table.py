@@ -52,6 +52,7 @@ def test_every_instrument_of_the_table_is_exported_with_its_description() -> Non
     svc.stats.usage_missing += 3
     svc.stats.expired, svc.stats.evicted = 4, 5
     svc.stats.fallbacks["a", "b"] += 2
+    svc.ledger.budgets.events["checks"] += 8
     stats = stats_of(svc)
     metrics = exported(reader)
     for s in STATS:

@@ -156,8 +156,8 @@ def iter_sse(body: bytes) -> Iterator[dict[str, Any]]:
             yield json.loads(line[6:])
 
 
-def sidecar_stats(socket_path: str) -> dict[str, Any]:
-    """The sidecar's ``GET /stats`` over its Unix socket."""
+def sidecar_stats(socket_path: str, path: str = "/stats") -> dict[str, Any]:
+    """The sidecar's ``GET /stats`` (or another JSON ``path``) over its Unix socket."""
     import socket
 
     class UnixConnection(http.client.HTTPConnection):
@@ -168,7 +168,7 @@ def sidecar_stats(socket_path: str) -> dict[str, Any]:
 
     conn = UnixConnection("sidecar")
     try:
-        conn.request("GET", "/stats")
+        conn.request("GET", path)
         data: dict[str, Any] = json.loads(conn.getresponse().read())
         return data
     finally:
