@@ -151,7 +151,8 @@ def _check_config(args: argparse.Namespace) -> int:
     if errors:
         return 1
     backends = sum(len(r.backends) for r in config.rules)
-    print(f"{args.path}: ok ({len(config.rules)} rules, {backends} backends, {len(warnings)} warnings)")
+    budgets = f", {len(config.token_budgets)} token budgets" if config.token_budgets else ""
+    print(f"{args.path}: ok ({len(config.rules)} rules, {backends} backends{budgets}, {len(warnings)} warnings)")
     return 0
 
 
@@ -211,6 +212,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
             shm_path=segment_path(args.socket, args.shm_dir) if args.shm else None,
             sds_dir=args.sds_dir,
             cds_path=args.cds_path,
+            budget_timeout_ms=args.budget_timeout_ms,
+            budget_fail_closed=args.budget_fail_closed,
         )
         doc = bootstrap(config, options)
         if args.cds_path is not None:
@@ -283,6 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument(
         "--cds-path", help="backend clusters from this file (file-based CDS), written now and by the sidecar "
         "(serve --cds-path, same --sds-dir) on every config load: new backends without an Envoy restart",
+    )  # fmt: skip
+    envoy.add_argument(
+        "--budget-timeout-ms", type=int, default=500,
+        help="with tokenBudgets: how long Envoy's rate limit filter waits for the sidecar's answer",
+    )  # fmt: skip
+    envoy.add_argument(
+        "--budget-fail-closed", action="store_true",
+        help="with tokenBudgets: refuse requests (500) when the sidecar cannot answer in time, instead of "
+        "letting them through unchecked",
     )  # fmt: skip
     envoy.set_defaults(func=_envoy_config)
 

@@ -364,3 +364,17 @@ def test_envoy_config_help_shows_its_defaults(capsys: pytest.CaptureFixture[str]
     assert "--admin ADMIN HOST:PORT for Envoy's admin interface (default: none, no admin interface)" in out
     assert "(default: fail_closed)" in out and "(default: 250)" in out
     assert "(default: None)" not in out
+
+
+def test_check_config_counts_token_budgets_and_refuses_a_bad_cel_cost(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "budgets.yaml"
+    costs = "llmRequestCosts: [{metadataKey: t, type: TotalToken}, {metadataKey: w, type: CEL, cel: 'total_tokens*%s'}]"
+    budgets = "tokenBudgets: [{name: u, cost: w, headers: [x-user-id], limit: 10}]"
+    path.write_text(costs % "2" + "\n" + budgets + "\n")
+    ok = f"{path}: ok (0 rules, 0 backends, 1 token budgets, 0 warnings)\n"
+    assert run(capsys, "check-config", str(path))[:2] == (0, ok)
+    path.write_text(costs % "2u" + "\n" + budgets + "\n")
+    code, _, err = run(capsys, "check-config", str(path))
+    assert code == 1 and "llmRequestCosts[1].cel" in err and "write 3, not 3u" in err

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from ipc_router.tools.stack import Stack
+from ipc_router.tools.stack import Stack, free_port
 from tests.support.e2e import (
     Backends,
     Reply,
@@ -25,6 +25,8 @@ from tests.support.e2e import (
     iter_sse,
     model_rule,
     request,
+    samples,
+    scrape,
     sidecar_stats,
     start_backends,
     wait_until,
@@ -68,7 +70,8 @@ def stack(
     request: pytest.FixtureRequest, backends: Backends, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
     cfg = budget_config(tmp_path_factory.mktemp("budgets") / "config.yaml", backends)
-    s = Stack(str(cfg), shm=request.param, sidecar_args=["--reload-interval", "0.1"]).start()
+    s = Stack(str(cfg), shm=request.param, metrics_port=free_port(), sidecar_args=["--reload-interval", "0.1"])
+    s.start()
     yield s
     s.stop()
 
@@ -224,3 +227,20 @@ def test_a_frozen_sidecar_fails_open_and_charges_later(stack: Stack, backends: B
     assert envoy_counter(stack, ".ratelimit.failure_mode_allowed") == allowed + 1
     expected = first + usage_of(reply, False)["total_tokens"]
     assert wait_until(lambda: spent(stack, "per-user", **{"x-user-id": user}) == expected)
+
+
+def test_a_refused_request_is_recorded_as_an_error_and_leaves_nothing_in_flight(
+    stack: Stack, backends: Backends
+) -> None:
+    def refused() -> float:
+        text = scrape(stack.metrics_url or "")
+        return sum(samples(text, "gen_ai_server_request_duration_seconds_count", error_type="429"))
+
+    before = refused()
+    user = f"gina-{stack.shm}"
+    spend_until_refused(
+        stack, backends, "m-small", {"x-user-id": user}, "per-user", {"x-user-id": user}, USER_LIMIT,
+        lambda u: u["total_tokens"],
+    )  # fmt: skip
+    assert wait_until(lambda: refused() == before + 1)
+    assert sidecar_stats(stack.socket)["in_flight"] == 0

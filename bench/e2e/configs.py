@@ -262,6 +262,12 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_jit_on"][1]}, split=True,
     ),
     Configuration(
+        "ipc_router_shm_budget", 9, "Envoy + ipc_router (fast path) + a token budget",
+        "Configuration 5 with one token budget that every request is checked against (keyed by content-type): "
+        "Envoy's rate limit filter asks the sidecar's gRPC rate limit service once per request.",
+        "ipc_router_budget", stack_options={"shm": True},
+    ),
+    Configuration(
         "ext_proc", 6, "Envoy + Python ext_proc (grpcio)",
         "The AI Gateway's architecture in Python: an ext_proc gRPC server running ipc_router's routing.",
         "ext_proc", peer="ext_proc",
@@ -580,6 +586,19 @@ def start_ipc_router(c: Configuration, w: World) -> Running:
     return _from_stack(stack)
 
 
+def start_ipc_router_budget(c: Configuration, w: World) -> Running:
+    config = yaml.safe_load(w.config.read_text())
+    config["llmRequestCosts"] = [{"metadataKey": "tokens", "type": "TotalToken"}]
+    # Every request carries content-type: one key, checked on every request, never spent.
+    config["tokenBudgets"] = [
+        {"name": "bench", "cost": "tokens", "headers": ["content-type"], "limit": 10**15, "unit": "day"}
+    ]
+    path = w.workdir / "config-budget.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    stack = Stack(str(path), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
+    return _from_stack(stack)
+
+
 def start_ipc_variant(c: Configuration, w: World) -> Running:
     stack = VariantStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
     return _from_stack(stack)
@@ -649,6 +668,7 @@ STARTERS: dict[str, Callable[[Configuration, World], Running]] = {
     "ipc_router": start_ipc_router,
     "ipc_filter_c": start_ipc_filter_c,
     "ipc_variant": start_ipc_variant,
+    "ipc_router_budget": start_ipc_router_budget,
     "ext_proc": start_ext_proc,
     "litellm": start_litellm,
 }

@@ -89,6 +89,9 @@ class Stack:
     pending_timeout_s: float = 600.0
     #: Backend clusters by file-based CDS, written by the sidecar on every config load (new backends live).
     cds: bool = False
+    #: With ``tokenBudgets``: the bootstrap's ``budget_timeout_ms`` and ``budget_fail_closed``.
+    budget_timeout_ms: int = 500
+    budget_fail_closed: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = tempfile.mkdtemp(prefix="ipr", dir="/tmp")  # short: socket paths must stay under 108 bytes
@@ -165,6 +168,8 @@ class Stack:
             pending_timeout_s=self.pending_timeout_s,
             sds_dir=self.workdir,
             cds_path=self.cds_path if self.cds else None,
+            budget_timeout_ms=self.budget_timeout_ms,
+            budget_fail_closed=self.budget_fail_closed,
         )
         return bootstrap(load_config(self.config), options)
 
