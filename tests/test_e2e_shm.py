@@ -201,6 +201,35 @@ def test_killed_sidecar_restart_adopts_the_segment_and_loses_nothing(backends: B
         assert wait_until(lambda: request(s.url, PATH, sdk_body("mistral-x")).status == 200)
 
 
+def segment_mappings(pid: int, path: str) -> list[str]:
+    """The lines of /proc/<pid>/maps that map the segment at ``path`` (a retired one ends in " (deleted)")."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.rstrip("\n") for line in f if path in line]
+
+
+def test_restarted_sidecars_leave_envoy_mapping_only_the_current_segment(backends: Backends, tmp_path: Path) -> None:
+    """A sidecar stopped cleanly removes its segment; the next one creates another. Envoy's filter must unmap the
+    retired one as soon as it sees it stopped: a mapping keeps the file's pages allocated, and on a tmpfs sized
+    for a few segments (docker-compose.yaml, the Kubernetes emptyDir) retired segments still mapped leave the next
+    sidecar no room (ENOSPC: fast path off)."""
+    cfg = write_config(tmp_path / "config.yaml", rules(), backends)
+    with Stack(str(cfg)) as s:
+        assert s.envoy is not None
+        path = segment_path(s.socket, s.workdir)
+        assert request(s.url, PATH, sdk_body("gpt-4o-mini")).status == 200
+        assert wait_until(lambda: recorded(s) == 1), stats(s)
+        for _ in range(3):
+            s.stop_sidecar()
+            s.start_sidecar()
+            # The filter re-opens at most once a second; until then requests take the socket path.
+            assert wait_until(
+                lambda: request(s.url, PATH, sdk_body("gpt-4o-mini")).status == 200 and recorded(s) >= 1,
+                timeout=5, interval=0.2,
+            ), stats(s)  # fmt: skip
+            maps = segment_mappings(s.envoy.pid, path)
+            assert maps and not [m for m in maps if m.endswith("(deleted)")], maps
+
+
 def test_reload_bumps_the_generation_and_old_entries_are_misses(backends: Backends, tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "config.yaml", [model_rule("m", "model-x", "a"), model_rule("n", "model-y", "b")],
                        backends)  # fmt: skip

@@ -840,6 +840,9 @@ local function fast_refresh(fast)
     end
     local changed, err = seg:refresh()
     if changed == nil then
+        -- Unmap it now, not when the Lua GC gets to it: a retired segment (the sidecar restarted)
+        -- stays allocated on its tmpfs while mapped, and the new sidecar needs that room.
+        seg:close()
         fast.seg, fast.cfg = nil, nil
         fast.retry_at = now_s() + RETRY_OPEN_S
         fast.last_err = err
