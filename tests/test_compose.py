@@ -38,8 +38,8 @@ from ipc_router import cli
 from ipc_router.envoy_config import bootstrap
 from ipc_router.fastpath import segment_path
 from ipc_router.filterapi import Config, load_config
-from ipc_router.shm import Segment
 from ipc_router.tools import mock_backend
+from tests.support.shm_e2e import default_segment_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yaml"
@@ -242,16 +242,6 @@ def test_sidecar_command() -> None:
     assert len(os.fsencode(args.socket)) < 108
     healthcheck = " ".join(service("sidecar")["healthcheck"]["test"])
     assert args.socket in healthcheck
-
-
-def default_segment_bytes(tmp_path: Path) -> int:
-    """The size of the segment the sidecar creates with its defaults (as `ipc-router serve` opens it)."""
-    path = str(tmp_path / "segment.shm")
-    segment, _ = Segment.open(path)
-    try:
-        return os.path.getsize(path)
-    finally:
-        segment.stop()
 
 
 def test_segment_volume_is_a_tmpfs_shared_read_write_with_the_sidecars_group(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ipc_router.shm import Segment
 from ipc_router.tools.stack import Stack
 from tests.support.e2e import samples, scrape, sidecar_stats
 
@@ -213,3 +214,13 @@ def wait_for(check: Callable[[], Any], timeout: float, interval: float = 0.02) -
         if result or time.monotonic() > deadline:
             return result
         time.sleep(interval)
+
+
+def default_segment_bytes(tmp_path: Path) -> int:
+    """The size of the segment the sidecar creates with its defaults (as `ipc-router serve` opens it)."""
+    path = str(tmp_path / "segment.shm")
+    segment, _ = Segment.open(path)
+    try:
+        return os.path.getsize(path)
+    finally:
+        segment.stop()
