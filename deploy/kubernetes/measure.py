@@ -12,7 +12,8 @@ front of one mock backend answering at once, then reads each process's resident 
 
 The client runs on the same cores, so the request rate says what this machine could drive, not a ceiling.
 
-    .venv/bin/python deploy/kubernetes/measure.py [--concurrency 2] [--clients 16] [--seconds 15] [--stream] [--json]
+    .venv/bin/python deploy/kubernetes/measure.py [--concurrency 2] [--clients 16] [--seconds 15] [--stream] [--no-shm]
+        [--json]
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--idle", type=float, default=10.0)
     p.add_argument("--stream", action="store_true", help="streamed completions instead of plain ones")
+    p.add_argument("--no-shm", dest="shm", action="store_false", help="the socket path (sidecar --no-shm)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -105,7 +107,7 @@ def main() -> int:
         "rules:\n- name: m\n  headers: [{name: x-ai-eg-model, value: m}]\n"
         f"  backends: [{{name: b, endpoint: 'http://127.0.0.1:{backend_port}'}}]\n"
     )
-    stack = Stack(str(config), metrics_port=free_port(), envoy_concurrency=args.concurrency)
+    stack = Stack(str(config), metrics_port=free_port(), envoy_concurrency=args.concurrency, shm=args.shm)
     try:
         stack.start()
         assert stack.sidecar is not None and stack.envoy is not None
