@@ -50,6 +50,8 @@ class Step:
     path: str
     body: bytes | None = None
     headers: Mapping[str, str] | None = None
+    #: Seconds to wait after it: the sidecar charges a token budget just after the response ended.
+    settle: float = 0.0
 
 
 def _chat(model: str, stream: bool = False) -> bytes:
@@ -59,12 +61,18 @@ def _chat(model: str, stream: bool = False) -> bytes:
     return json.dumps(body).encode()
 
 
+ALICE = {"x-user-id": "alice"}
 STEPS = [
     *[Step(f"llama3.3 #{i}", "/v1/chat/completions", _chat("llama3.3")) for i in range(1, 5)],
     Step("gpt-4o-mini", "/v1/chat/completions", _chat("gpt-4o-mini")),
     Step("mistral-large (regex rule)", "/v1/chat/completions", _chat("mistral-large")),
     Step("gpt-4o-mini, x-tenant: premium", "/v1/chat/completions", _chat("gpt-4o-mini"), {"x-tenant": "premium"}),
     Step("llama3.3, streaming", "/v1/chat/completions", _chat("llama3.3", stream=True)),
+    # The config's token budget: 30 tokens a day per x-user-id; each answer costs 18, so the third is refused.
+    *[
+        Step(f"gpt-4o-mini, x-user-id: alice #{i}", "/v1/chat/completions", _chat("gpt-4o-mini"), ALICE, settle=0.1)
+        for i in range(1, 4)
+    ],
     Step("unknown model", "/v1/chat/completions", _chat("no-such-model")),
     Step("malformed JSON body", "/v1/chat/completions", b'{"model": "llama3.3", '),
     Step("GET /v1/models", "/v1/models"),
@@ -118,6 +126,7 @@ def run_steps(stack: Stack, mocks: list[MockBackend]) -> list[Row]:
     for step in STEPS:
         demo_id = uuid.uuid4().hex
         status, _, body, elapsed, first = _send(stack.listen_port, step, demo_id)
+        time.sleep(step.settle)
         seen = [r for m in mocks for r in m.requests if r.headers.get("x-demo-id") == demo_id]
         upstream = seen[0].headers if seen else {}
         usage = _usage(body) if status == 200 else None
@@ -347,6 +356,7 @@ def run(args: argparse.Namespace, config: Path, ports: dict[str, int]) -> int:
                 f"  curl -s {stack.url}/v1/models\n"
                 f"  curl -s {stack.metrics_url} | grep ^gen_ai\n"
                 f"  curl -s --unix-socket {stack.socket} http://sidecar/stats\n"
+                f"  curl -s --unix-socket {stack.socket} http://sidecar/budgets\n"
                 f"  Envoy admin: http://127.0.0.1:{stack.admin_port}/\n"
                 f"Stop with Ctrl-C."
             )

@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from ipc_router import cli
+from ipc_router.budgets import rls_socket_path
 from ipc_router.envoy_config import bootstrap
 from ipc_router.fastpath import segment_path
 from ipc_router.filterapi import Config, load_config
@@ -344,8 +345,8 @@ def test_bootstrap_of_the_job_generates_and_validates(tmp_path: Path, monkeypatc
     hosts = {alias for name in mocks for alias in network_names(name)}
     for c in clusters.values():
         addr = c["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-        if "pipe" in addr:
-            assert addr["pipe"]["path"] == sidecar_args().socket
+        if "pipe" in addr:  # the sidecar's socket, and with token budgets its rate limit service beside it
+            assert addr["pipe"]["path"] in (sidecar_args().socket, rls_socket_path(sidecar_args().socket))
         else:
             assert c["type"] == "STRICT_DNS" and addr["socket_address"]["address"] in hosts
     # The job's own command line, through the real CLI, from the image's working directory (the repository root).

@@ -38,6 +38,10 @@ def test_demo_table_shows_routes_and_statuses() -> None:
     assert rows["llama3.3, streaming"][1:3] == ["200", "llama"]
     assert rows["unknown model"][1] == "404" and rows["malformed JSON body"][1] == "400"
     assert "llama3.3, gpt-4o-mini" in rows["GET /v1/models"][6]
+    # The token budget: 30 a day for x-user-id alice, 18 an answer: the third request is refused by Envoy.
+    budget = [rows[f"gpt-4o-mini, x-user-id: alice #{i}"] for i in range(1, 4)]
+    assert [r[1] for r in budget] == ["200", "200", "429"]
+    assert budget[2][3] == "-" and budget[2][6].startswith("Token budget 'per-user'")
     llama = [rows[f"llama3.3 #{i}"] for i in range(1, 5)]
     assert sorted(r[3] for r in llama) == ["vllm-a", "vllm-a", "vllm-a", "vllm-b"]  # weights 3:1
     assert all(r[4] == "10/8" for r in llama)
