@@ -55,7 +55,7 @@ def test_the_bootstrap_is_its_parts() -> None:
     assert clusters[0]["name"] == SIDECAR_CLUSTER and clusters[-1]["name"] == "passthrough"
     routes = route_list(CONFIG, opts, backend_clusters)
     assert [routes[0]["name"], routes[-2]["name"], routes[-1]["name"]] == ["models", "passthrough", "no_route"]
-    hcm = http_connection_manager(opts, routes, lua_config(CONFIG, opts))
+    hcm = http_connection_manager(opts, routes, lua_config(CONFIG, opts), CONFIG)
     doc = bootstrap(CONFIG, OPTIONS)
     assert doc["static_resources"] == {
         "listeners": [listener(opts, hcm)],

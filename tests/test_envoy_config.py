@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import os
@@ -24,9 +25,11 @@ import yaml
 from ipc_router import envoy_config
 from ipc_router.envoy_config import (
     NO_ROUTE_BODY,
+    RLS_CLUSTER,
     SIDECAR_CLUSTER,
     EnvoyConfigError,
     bootstrap,
+    budget_rate_limits,
     cluster_name,
     lua_filter_source,
     lua_literal,
@@ -132,8 +135,12 @@ def test_example_routes_in_order() -> None:
         "prefix": "/", "headers": [{"name": "x-ai-eg-selected-cluster", "present_match": True}]
     }  # fmt: skip
     assert by_cluster["route"] == {
-        "cluster_header": "x-ai-eg-selected-cluster", "timeout": "0s", "idle_timeout": "300s"
+        "cluster_header": "x-ai-eg-selected-cluster", "timeout": "0s", "idle_timeout": "300s",
+        # The example's token budget: every route to a backend asks Envoy's rate limit filter to check it.
+        "rate_limits": budget_rate_limits(example()),
     }  # fmt: skip
+    assert all("rate_limits" in r["route"] for r in routes[1:-1])
+    assert "rate_limits" not in routes[0]["route"]
     assert by_cluster["response_headers_to_remove"] == ["x-ai-eg-served-backend"]  # only failover routes say it
 
     # Per rule: only the rule header; weights for several backends, a plain cluster for one.
@@ -165,13 +172,16 @@ def test_example_listener_filters_and_clusters() -> None:
     hcm = hcm_of(doc)
     assert hcm["stat_prefix"] == "ingress_http"
     assert hcm["codec_type"] == "AUTO"
-    assert [f["name"] for f in hcm["http_filters"]] == ["envoy.filters.http.lua", "envoy.filters.http.router"]
+    assert [f["name"] for f in hcm["http_filters"]] == [
+        "envoy.filters.http.lua", "envoy.filters.http.ratelimit", "envoy.filters.http.router"
+    ]  # fmt: skip
     assert "access_log" not in hcm
     assert "admin" not in doc
 
     clusters = clusters_of(doc)
     assert list(clusters) == [
         SIDECAR_CLUSTER,
+        RLS_CLUSTER,
         "backend_vllm-a",
         "backend_vllm-b",
         "backend_openai-mock",
@@ -359,14 +369,18 @@ def test_bad_endpoint() -> None:
 def test_socket_path_length() -> None:
     ok = "/tmp/" + "s" * (107 - len("/tmp/"))
     assert len(ok) == 107
-    doc = bootstrap(example(), socket_path=ok, lua_source=STUB_LUA)
+    with pytest.raises(EnvoyConfigError, match=r"rate limit service's socket path .*\.rls"):
+        bootstrap(example(), socket_path=ok, lua_source=STUB_LUA)  # the example's budget: 4 bytes more
+    assert bootstrap(example(), socket_path=ok[:-4], lua_source=STUB_LUA)
+    no_budgets = dataclasses.replace(example(), token_budgets=())
+    doc = bootstrap(no_budgets, socket_path=ok, lua_source=STUB_LUA)
     assert clusters_of(doc)[SIDECAR_CLUSTER]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
         "address"
     ] == {"pipe": {"path": ok}}
     with pytest.raises(EnvoyConfigError, match="108"):
-        bootstrap(example(), socket_path=ok + "s", lua_source=STUB_LUA)
+        bootstrap(no_budgets, socket_path=ok + "s", lua_source=STUB_LUA)
     with pytest.raises(EnvoyConfigError, match="108"):  # bytes, not characters
-        bootstrap(example(), socket_path="/tmp/" + "é" * 52, lua_source=STUB_LUA)
+        bootstrap(no_budgets, socket_path="/tmp/" + "é" * 52, lua_source=STUB_LUA)
     with pytest.raises(EnvoyConfigError, match="empty"):
         bootstrap(example(), socket_path="", lua_source=STUB_LUA)
 
