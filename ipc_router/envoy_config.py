@@ -357,6 +357,8 @@ def lua_config(config: Config, options: BootstrapOptions) -> str:
         "cluster_header": upstreams.CLUSTER_HEADER,
         "llm_paths": list(options.llm_paths),
     }
+    if config.token_budgets:
+        conf["budget_headers"] = list(dict.fromkeys(h for b in config.token_budgets for h in b.headers))
     modules: dict[str, str] = {}
     if options.shm_path is not None:
         conf["shm_path"] = options.shm_path

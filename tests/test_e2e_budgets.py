@@ -8,6 +8,7 @@ Each test reads the usage the backend reported in its responses and sums it itse
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import time
@@ -244,3 +245,25 @@ def test_a_refused_request_is_recorded_as_an_error_and_leaves_nothing_in_flight(
     )  # fmt: skip
     assert wait_until(lambda: refused() == before + 1)
     assert sidecar_stats(stack.socket)["in_flight"] == 0
+
+
+def test_a_repeated_budget_header_is_refused(stack: Stack, backends: Backends) -> None:
+    # Envoy's rate limit filter would check the first value and the charge would see both joined: refused.
+    before = len(backends["a"].requests)
+    conn = http.client.HTTPConnection("127.0.0.1", stack.listen_port, timeout=10)
+    try:
+        body = json.dumps(chat("m-small")).encode()
+        conn.putrequest("POST", CHAT)
+        for name, value in (("content-type", "application/json"), ("content-length", str(len(body))),
+                            ("x-user-id", "victim"), ("x-user-id", f"mallory-{stack.shm}")):  # fmt: skip
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        status, error = resp.status, json.loads(resp.read())["error"]
+    finally:
+        conn.close()
+    assert status == 400 and error["code"] == "repeated_header" and "x-user-id" in error["message"]
+    assert len(backends["a"].requests) == before
+    assert spent(stack, "per-user", **{"x-user-id": "victim"}) == 0
+    # One value is fine, and so is a repeated header that no budget reads.
+    assert send(stack, "m-small", {"x-user-id": f"mallory-{stack.shm}"}).status == 200

@@ -551,7 +551,7 @@ def test_loader_runs_in_luajit_with_the_conf() -> None:
     lua.execute(lua_code_of(doc))
     g = lua.globals()
     conf = g.CONF
-    assert dict(conf.items()) | {"llm_paths": None} == {
+    assert dict(conf.items()) | {"llm_paths": None, "budget_headers": None} == {
         "cluster": SIDECAR_CLUSTER,
         "authority": "ipc-router",
         "timeout_ms": 75,
@@ -561,8 +561,10 @@ def test_loader_runs_in_luajit_with_the_conf() -> None:
         "backend_header": "x-ai-eg-selected-backend",
         "cluster_header": "x-ai-eg-selected-cluster",
         "llm_paths": None,
+        "budget_headers": None,
     }
     assert list(conf.llm_paths.values()) == ["/v1/chat/completions", "/v1/completions"]
+    assert list(conf.budget_headers.values()) == ["x-user-id"]  # the example's token budget
     g.envoy_on_request("req")
     g.envoy_on_response("resp")
     assert (g.SEEN_REQUEST, g.SEEN_RESPONSE) == ("req", "resp")

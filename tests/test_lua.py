@@ -251,6 +251,8 @@ def test_new_defaults(lua: Lua) -> None:
         {"no_such_key": 1},
         {"pending_timeout_s": 0},
         {"pending_timeout_s": "600"},
+        {"budget_headers": "x-user-id"},
+        {"budget_headers": [""]},
     ],
 )
 def test_new_rejects_bad_conf(lua: Lua, conf: dict[str, Any]) -> None:
@@ -870,3 +872,10 @@ def test_module_defines_no_globals() -> None:
     rt.execute(b'local f = require("ipc_router").new({}); assert(f.on_request and f.on_response)')
     assert set(seq(names())) == before
     assert MODULE_PATH.read_text().rstrip().endswith("return _M")
+
+
+def test_new_budget_headers_lower_cased(lua: Lua) -> None:
+    f = lua.rt.execute(b'return require("ipc_router").new({ budget_headers = { "X-User-Id", "x-team" } })')
+    assert list(f.budget_headers.values()) == [b"x-user-id", b"x-team"]
+    assert f.conf.budget_headers is not None
+    assert list(lua.filter().budget_headers.values()) == []

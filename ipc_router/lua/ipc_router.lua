@@ -498,6 +498,10 @@ local DEFAULTS = {
     cluster_header = "x-ai-eg-selected-cluster",
     -- Added by Envoy on failover routes: the backend that answered. Read, then removed.
     served_header = "x-ai-eg-served-backend",
+    -- The token budgets' request headers. Envoy's rate limit filter keys a check by a header's
+    -- first value while the charge sees the values joined, so a request that repeats one of them
+    -- is refused (400).
+    budget_headers = false, -- false: none
 }
 
 local function check_string(conf, key)
@@ -563,6 +567,19 @@ function _M.new(conf)
         error("ipc_router: conf.shm_path must be a string (the sidecar's segment file)", 2)
     end
 
+    local budget_headers = {}
+    if c.budget_headers ~= nil then
+        if type(c.budget_headers) ~= "table" then
+            error("ipc_router: conf.budget_headers must be a list of strings", 2)
+        end
+        for i, h in ipairs(c.budget_headers) do
+            if type(h) ~= "string" or h == "" then
+                error("ipc_router: conf.budget_headers must be a list of strings", 2)
+            end
+            budget_headers[i] = str_lower(h)
+        end
+    end
+
     local paths = {}
     local llm_paths = c.llm_paths or { "/v1/chat/completions" }
     if type(llm_paths) ~= "table" then
@@ -579,6 +596,7 @@ function _M.new(conf)
     local self = {
         conf = c,
         paths = paths,
+        budget_headers = budget_headers,
         route_headers = {
             [":method"] = "POST",
             [":path"] = "/route",
@@ -1255,6 +1273,19 @@ function mt:on_request(handle)
     local q = str_find(path, "?", 1, true)
     if not self.paths[q and str_sub(path, 1, q - 1) or path] then
         return
+    end
+    local budget_headers = self.budget_headers
+    for i = 1, #budget_headers do
+        local name = budget_headers[i]
+        if headers:getNumValues(name) > 1 then
+            return apply(self, handle, {
+                action = "respond",
+                headers = { [":status"] = "400", ["content-type"] = "application/json" },
+                body = '{"error":{"message":"the ' .. json_escape(name)
+                    .. ' header is repeated: a token budget is keyed by one value",'
+                    .. '"type":"invalid_request_error","code":"repeated_header"}}',
+            })
+        end
     end
     local ok, action, err
     local fast = self.fast
