@@ -234,6 +234,7 @@ def test_new_defaults(lua: Lua) -> None:
         b"max_response_body": 1048576,
         b"stream_tail_bytes": 16384,
         b"pending_timeout_s": 600,
+        b"token_header": b"x-ipc-router-rec",
     }
     assert py(f.paths) == {b"/v1/chat/completions": True}
 

@@ -99,10 +99,10 @@ class Rig:
         return rec
 
     def response(self, rec: Any, chunks: list[str], headers: dict[str, str] | None = None) -> Any:
-        meta = py(rec.metadata)
+        token = py(rec.store)[b"x-ipc-router-rec"]  # the request's token header, read back in the response
         return self.lua.run(
             self.filter, "on_response", headers={":status": "200", **(headers or {})}, chunks=chunks,
-            metadata={"ipc_router": {"rec": meta[b"ipc_router"][b"rec"]}},
+            request_headers={"x-ipc-router-rec": token.decode()},
         )  # fmt: skip
 
     def close(self) -> None:

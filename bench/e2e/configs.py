@@ -73,12 +73,17 @@ _NO_RESPONSE = (
     ("\nfunction envoy_on_response(handle) filter:on_response(handle) end\n", "\n"),
     _KEEP_NOTHING,
 )
-_NO_MD_SET = (('            handle:streamInfo():dynamicMetadata():set(METADATA_NAMESPACE, "rec", token)\n', ""),)
+_NO_MD_SET = (
+    (
+        "            headers:replace(self.conf.token_header, remember(fast, rec))\n",
+        "            remember(fast, rec)\n",
+    ),
+)
 _RESPONSE_BODY = "    for chunk in handle:bodyChunks() do\n"
 
 SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
     "shm_no_response": ("no envoy_on_response at all (as inline Lua)", _NO_RESPONSE),
-    "shm_no_response_no_md": ("no response phase, no dynamicMetadata():set", _NO_RESPONSE + _NO_MD_SET),
+    "shm_no_response_no_md": ("no response phase, no token header set", _NO_RESPONSE + _NO_MD_SET),
     "shm_resp_empty": (
         "envoy_on_response returns at once",
         (
@@ -87,12 +92,12 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         ),
     ),
     "shm_resp_md_only": (
-        "on_response: dynamicMetadata():get + take only",
+        "on_response: the token's requestHeaders():get + forget only",
         (
             (
-                "    local id, record = md.id, nil\n",
-                "    if md.rec ~= nil and self.fast then take(self.fast, md.rec) end\n    do return end\n"
-                "    local id, record = md.id, nil\n",
+                "    if token then\n        -- Looked at now",
+                "    if token then forget(fast, token) end\n    do return end\n"
+                "    if token then\n        -- Looked at now",
             ),
         ),
     ),
@@ -108,8 +113,8 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
         "on_response: body kept, no record_body and no ring write",
         (
             (
-                "    if record then\n        forget(self.fast, md.rec)\n        local payload, err = record_body(",
-                "    if record then\n        forget(self.fast, md.rec)\n        do return end\n"
+                "    if record then\n        forget(fast, token)\n        local payload, err = record_body(",
+                "    if record then\n        forget(fast, token)\n        do return end\n"
                 "        local payload, err = record_body(",
             ),
         ),

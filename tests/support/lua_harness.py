@@ -43,7 +43,8 @@ end
 -- spec: headers (map) or header_list (list of {name, value}, in order, names may repeat),
 --       body (string|nil), answer {status=, body=, headers=} | answer_error (string),
 --       during_body (function run while body() is suspended: what other streams do meanwhile),
---       chunks (list of strings, response phase), metadata (map: namespace -> table)
+--       chunks (list of strings, response phase), metadata (map: namespace -> table),
+--       request_headers (map: what handle:requestHeaders() sees in the response phase)
 -- rec.list is the header map ({name, value} entries), rec.store name -> first value.
 function H.make(spec)
   local rec = {
@@ -113,6 +114,19 @@ function H.make(spec)
       end
     end
     return setmetatable({}, { __index = methods, __pairs = iterate })
+  end
+
+  -- The request's headers in the response phase (Envoy 1.40's handle:requestHeaders()); read-only here:
+  -- spec.request_headers (map).
+  function handle:requestHeaders()
+    local epoch = rec.epoch
+    local store = spec.request_headers or {}
+    return {
+      get = function(_, k)
+        if rec.epoch ~= epoch then error("object used outside of proper scope", 2) end
+        return store[k]
+      end,
+    }
   end
 
   function handle:body()
