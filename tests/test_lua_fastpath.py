@@ -218,6 +218,29 @@ def test_the_completion_record_reaches_the_metrics(rig: Rig) -> None:
     assert sums == {"input": 11, "output": 7}
 
 
+def test_the_token_is_a_request_header_the_filter_sets_and_a_clients_is_never_kept(rig: Rig) -> None:
+    """The record half is found again by the request header the filter sets (read back in the response phase with
+    requestHeaders()); a client's own value of that header is dropped on every path, and a response whose request
+    carries no token of the filter's writes nothing and takes nothing."""
+    miss = rig.request(body("gpt-4o-mini"), {"x-ipc-router-rec": "client"})
+    hit = rig.request(body("gpt-4o-mini"), {"x-ipc-router-rec": "client"})
+    tokens = [py(r.store)[b"x-ipc-router-rec"] for r in (miss, hit)]
+    assert tokens[0] != tokens[1] and b"client" not in tokens  # the filter's own, one per stream
+    for r in (miss, hit):  # one value: the client's is gone, not kept beside the filter's
+        assert [e[1] for e in py(r.list).values()].count(b"x-ipc-router-rec") == 1
+    other = rig.lua.run(rig.filter, "on_request", headers={**HEADERS, ":path": "/v1/models", "x-ipc-router-rec": "2"})
+    assert b"x-ipc-router-rec" not in py(other.store)
+    for spoofed in ({}, {"x-ipc-router-rec": "999"}):  # none, or one the filter never issued
+        out = rig.lua.run(rig.filter, "on_response", headers={":status": "200"}, chunks=["{}"],
+                          request_headers=spoofed)  # fmt: skip
+        assert out.ok and out.n_http == 0, out.err
+    assert rig.fast.drain() == 0
+    assert rig.response(hit, ["{}"]).ok and rig.response(miss, ["{}"]).ok
+    assert rig.fast.drain() == 2
+    again = rig.response(hit, ["{}"])  # a second response phase for one token finds nothing (forgotten)
+    assert again.ok and again.n_http == 0 and rig.fast.drain() == 0
+
+
 def test_bad_bodies_take_the_socket_path(rig: Rig) -> None:
     rig.request(body("gpt-4o-mini"))
     for raw in (b'{"model": "gpt-4o-mini",', b'{"model": "gpt-4o-mini"} x', b"[1]", b'{"model": 5}'):
