@@ -15,14 +15,17 @@ an OpenAI-style JSON error with ``retry-after``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from google.protobuf import descriptor_pb2, descriptor_pool, duration_pb2, message_factory, text_format, wrappers_pb2
 from grpclib.const import Cardinality, Handler
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 
 from ipc_router.budgets import BUDGET_DESCRIPTOR_KEY, RLS_DOMAIN, Budgets, Verdict
@@ -183,9 +186,36 @@ class RateLimitService:
         return {METHOD: Handler(self.should_rate_limit, Cardinality.UNARY_UNARY, RateLimitRequest, RateLimitResponse)}
 
 
-async def start_server(budgets: Budgets, path: str, mode: int = 0o660) -> Server:
-    """Serve the rate limit service on the Unix socket ``path`` (``@name``: the abstract namespace)."""
-    server = Server([RateLimitService(budgets)])
+class _CheckedServer(Server):
+    """grpclib's server, with each new connection's peer checked before a byte is read (``--allow-uid``)."""
+
+    def __init__(self, handlers: list[Any], allowed: Callable[[asyncio.BaseTransport], bool]) -> None:
+        super().__init__(handlers)
+        self._allowed = allowed
+
+    def _protocol_factory(self) -> H2Protocol:  # grpclib 0.4's one seam for it (pinned in pyproject.toml)
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+        allowed = self._allowed
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            if allowed(transport):
+                made(transport)
+            else:
+                protocol.connection_lost = lambda exc: None  # type: ignore[method-assign]  # never made
+                transport.close()
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+
+async def start_server(
+    budgets: Budgets, path: str, mode: int = 0o660, allowed: Callable[[asyncio.BaseTransport], bool] | None = None
+) -> Server:
+    """Serve the rate limit service on the Unix socket ``path`` (``@name``: the abstract namespace). ``allowed``
+    vets each new connection's peer, as the sidecar's own socket does with ``--allow-uid``/``--allow-gid``."""
+    handlers: list[Any] = [RateLimitService(budgets)]
+    server = Server(handlers) if allowed is None else _CheckedServer(handlers, allowed)
     abstract = path.startswith("@")
     if not abstract:
         with contextlib.suppress(FileNotFoundError):

@@ -429,8 +429,17 @@ class Sidecar:
         from ipc_router.rls import start_server
 
         path = rls_socket_path(self.settings.socket)
+        settings, stats = self.settings, self.service.stats
+
+        def allowed(transport: asyncio.BaseTransport) -> bool:
+            if _peer_allowed(transport, settings):
+                return True
+            stats.refused_peers += 1
+            return False
+
+        checked = allowed if settings.allow_uid or settings.allow_gid else None
         try:
-            self._rls = await start_server(self.service.ledger.budgets, path, self.settings.socket_mode)
+            self._rls = await start_server(self.service.ledger.budgets, path, settings.socket_mode, checked)
         except (OSError, ValueError) as e:
             log.error("token budgets not enforced: cannot serve the rate limit service on %s: %s", path, e)
             return

@@ -443,3 +443,41 @@ def test_a_second_sidecar_on_a_live_path_refuses_and_leaves_it_alone(start: Call
     with contextlib.closing(first.client()) as fresh:
         assert fresh.get_json("/healthz")["status"] == "ok"
     c.close()
+
+
+BUDGET_YAML = """
+llmRequestCosts: [{metadataKey: t, type: TotalToken}]
+tokenBudgets: [{name: u, cost: t, headers: [x-user-id], limit: 10}]
+rules: []
+"""
+
+
+def h2_preface_from(path: str) -> Callable[[], str]:
+    """Connect to a gRPC socket and send the HTTP/2 preface: what comes back first (a SETTINGS frame, or nothing)."""
+
+    def ask() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(5)
+            s.connect(path)
+            try:
+                s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+                data = s.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                return "closed"
+            return f"frame type {data[3]}" if len(data) >= 9 else "closed"
+
+    return ask
+
+
+def test_allow_uid_guards_the_rate_limit_service_too(tmp: Path, start: Callable[..., Server]) -> None:
+    os.chmod(tmp, 0o755)
+    config = tmp / "budgets.yaml"
+    config.write_text(BUDGET_YAML)
+    server = start("--config", str(config), "--socket-mode", "666", "--allow-uid", "0")
+    rls_path = server.socket + ".rls"
+    poll(lambda: os.path.exists(rls_path), timeout=5)
+    assert os.stat(rls_path).st_mode & 0o777 == 0o666
+    assert as_nobody(h2_preface_from(rls_path)) == "closed"  # not a byte to a refused peer
+    assert h2_preface_from(rls_path)() == "frame type 4"  # root is on the list: the server's SETTINGS
+    assert stats(server)["refused_peers"] == 1
+    assert f"uid {NOBODY.pw_uid} gid {NOBODY.pw_gid}: not in --allow-uid/--allow-gid" in server.output()
