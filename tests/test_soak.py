@@ -16,4 +16,5 @@ def test_soak_30s_has_no_errors_no_losses_no_leaks() -> None:
     assert fig.ok > 30 * 60 * 0.5, fig  # the rate was kept, more or less (a shared 2-core machine)
     assert fig.reloads >= 8
     assert fig.records_by_source.get("ring", 0) >= fig.ok - 10  # the fast path carried the completions
+    assert fig.budget_expected >= fig.ok  # every answer had tokens, checked by Envoy and charged to its user
     assert fig.problems() == [], fig

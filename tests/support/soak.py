@@ -23,6 +23,7 @@ from ipc_router.tools.stack import Stack, free_port
 from tests.support.e2e import (
     Backends,
     chat,
+    iter_sse,
     model_rule,
     samples,
     scrape,
@@ -55,6 +56,10 @@ class Figures:
     records_by_source: dict[str, int] = field(default_factory=dict)
     #: (seconds since start, sidecar RSS in KiB), every few seconds: a leak grows steadily, a warm-up levels off.
     rss_samples: list[tuple[float, int]] = field(default_factory=list)
+    #: Token budgets: the total tokens the answers reported for the clients' x-user-id, and what the sidecar's
+    #: books (GET /budgets) say they spent.
+    budget_expected: int = 0
+    budget_spent: int = 0
     #: The first few failures: (seconds since start, model, stream, what).
     failures: list[tuple[float, str, bool, str]] = field(default_factory=list)
 
@@ -79,6 +84,8 @@ class Figures:
             out.append(f"{self.in_flight_end} requests left in flight")
         if self.ring_drops:
             out.append(f"{self.ring_drops} records dropped by full rings")
+        if self.budget_spent != self.budget_expected:
+            out.append(f"token budgets: {self.budget_expected} tokens answered, {self.budget_spent} charged")
         return out
 
 
@@ -100,13 +107,29 @@ def _rules(flip: bool) -> list[dict[str, Any]]:
     ]
 
 
+#: A budget every client's requests are checked against and charged to (never spent: the soak's limit is huge).
+BUDGETS: dict[str, Any] = {
+    "llmRequestCosts": [{"metadataKey": "tokens", "type": "TotalToken"}],
+    "tokenBudgets": [
+        {"name": "soak", "cost": "tokens", "headers": ["x-user-id"], "limit": 10**12, "unit": "day"}
+    ],
+}
+
+
+def _total_tokens(body: bytes, stream: bool) -> int:
+    if not stream:
+        return int(json.loads(body)["usage"]["total_tokens"])
+    found = [e["usage"] for e in iter_sse(body) if e.get("usage")]
+    return int(found[-1]["total_tokens"])
+
+
 def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_every: float = 3.0) -> Figures:
     fig = Figures(seconds=seconds, rate=rate)
     work = Path(tempfile.mkdtemp(prefix="soak", dir="/tmp"))
     backends: Backends = start_backends("a", "b", "c", tokens=4)
     lock = threading.Lock()
     try:
-        cfg = write_config(work / "config.yaml", _rules(False), backends)
+        cfg = write_config(work / "config.yaml", _rules(False), backends, **BUDGETS)
         with Stack(str(cfg), metrics_port=free_port()) as stack:
             assert stack.sidecar is not None and stack.metrics_url is not None
             t0 = time.monotonic()
@@ -129,12 +152,18 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
                     tokens = rnd.randint(1, 8)
                     model = rnd.choice(MODELS)
                     body = json.dumps(chat(model, stream=stream)).encode()
-                    headers = {"content-type": "application/json", "x-mock-tokens": str(tokens)}
+                    headers = {
+                        "content-type": "application/json", "x-mock-tokens": str(tokens),
+                        "x-user-id": f"user-{seed}",
+                    }  # fmt: skip
+                    total = 0
                     try:
                         conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
                         resp = conn.getresponse()
-                        resp.read()
+                        answer = resp.read()
                         key = "ok" if resp.status == 200 else f"status {resp.status}"
+                        if key == "ok":
+                            total = _total_tokens(answer, stream)
                     except (OSError, http.client.HTTPException) as e:
                         key = type(e).__name__
                         conn.close()
@@ -144,6 +173,7 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
                         if key == "ok":
                             fig.ok += 1
                             fig.output_tokens_expected += tokens
+                            fig.budget_expected += total
                         else:
                             fig.errors[key] = fig.errors.get(key, 0) + 1
                             if len(fig.failures) < 20:
@@ -168,7 +198,7 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
                     measured.set()
                 if now >= next_reload:
                     flip = not flip
-                    write_config(cfg, _rules(flip), backends)
+                    write_config(cfg, _rules(flip), backends, **BUDGETS)
                     fig.reloads += 1
                     next_reload = now + reload_every
                     backends.clear()  # the mocks keep every request: keep the test process small
@@ -189,6 +219,13 @@ def run(seconds: float = 30.0, rate: float = 60.0, clients: int = 4, reload_ever
             fig.in_flight_end = int(st["in_flight"])
             fig.ring_drops = int((st.get("fast_path") or {}).get("drops", 0))
             fig.records_by_source = dict(st.get("records", {}))
+
+            def charged() -> bool:
+                rows = sidecar_stats(stack.socket, "/budgets")["budgets"]
+                fig.budget_spent = sum(int(r["spent"]) for r in rows if r["budget"] == "soak")
+                return fig.budget_spent >= fig.budget_expected
+
+            wait_until(charged, timeout=10)
     finally:
         backends.stop()
     return fig
