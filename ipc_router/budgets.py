@@ -69,7 +69,11 @@ class Budgets:
     def configure(self, config: Config) -> None:
         costs = RequestCosts([(c.metadata_key, c.type, c.cel) for c in config.llm_request_costs])
         budgets = {b.name: b for b in config.token_budgets}
-        kept = {n for n, b in budgets.items() if (old := self._budgets.get(n)) is not None and old.headers == b.headers}
+        # Spending stays where the key and the window stay: same name, headers and unit (a new unit is new windows).
+        kept = {
+            n for n, b in budgets.items()
+            if (old := self._budgets.get(n)) is not None and (old.headers, old.unit) == (b.headers, b.unit)
+        }  # fmt: skip
         self._spent = {k: v for k, v in self._spent.items() if k[0] in kept}
         self._budgets, self._costs = budgets, costs
         self.header_names = tuple(dict.fromkeys(h for b in budgets.values() for h in b.headers))
@@ -143,13 +147,16 @@ class Budgets:
             self._evict(now)
 
     def _evict(self, now: float) -> None:
-        for k, (start, _) in list(self._spent.items()):
+        """Trim to 90% of ``max_keys`` from the oldest end (O(1) a key, in bursts of a tenth of the cap, so a
+        charge never walks the whole table): keys of past windows go uncounted, current ones count as evicted."""
+        spent = self._spent
+        target = self.max_keys * 9 // 10
+        while len(spent) > target:
+            k = next(iter(spent))
+            start = spent.pop(k)[0]
             b = self._budgets.get(k[0])
-            if b is None or start != _window(now, b.seconds):
-                del self._spent[k]
-        while len(self._spent) > self.max_keys:  # all current: the oldest window's first keys go
-            del self._spent[next(iter(self._spent))]
-            self.events["evicted"] += 1
+            if b is not None and start == _window(now, b.seconds):
+                self.events["evicted"] += 1
 
     # --- what /budgets shows --------------------------------------------------------------------------------------
 

@@ -32,6 +32,9 @@ DEFAULT_MODEL_NAME_HEADER_KEY = "x-ai-eg-model"
 DEFAULT_SELECTED_ROUTE_HEADER_KEY = "x-ai-eg-selected-route"
 SELECTED_BACKEND_HEADER_KEY = "x-ai-eg-selected-backend"
 ORIGINAL_PATH_HEADER_KEY = "x-ai-eg-original-path"
+#: Request headers the gateway sets or reads for itself (the cluster the filter names, the served backend, the
+#: fast path's per-stream token): never a token budget's key.
+GATEWAY_HEADERS = ("x-ai-eg-selected-cluster", "x-ai-eg-served-backend", "x-ipc-router-rec")
 DEFAULT_METADATA_NAMESPACE = "io.envoy.ai_gateway"
 
 APISchemaName = Literal["OpenAI", "AWSBedrock", "AzureOpenAI"]
@@ -311,6 +314,7 @@ class _Reader:
     def __init__(self, source: str | None) -> None:
         self.source = source
         self.warnings: list[str] = []
+        self.gateway_headers: set[str] = set(GATEWAY_HEADERS)
 
     def known(self, m: Mapping[str, Any], path: str, keys: tuple[str, ...]) -> None:
         """Note each key of ``m`` not in ``keys``, with the known key it most resembles."""
@@ -369,6 +373,9 @@ class _Reader:
             self.cost(c, f"llmRequestCosts[{i}]")
             for i, c in enumerate(self.seq(m.get("llmRequestCosts"), "llmRequestCosts"))
         )
+        self.gateway_headers = {
+            model_key, route_key, SELECTED_BACKEND_HEADER_KEY, ORIGINAL_PATH_HEADER_KEY, *GATEWAY_HEADERS,
+        }  # fmt: skip
         budgets = tuple(
             self.budget(b, f"tokenBudgets[{i}]", {c.metadata_key for c in costs})
             for i, b in enumerate(self.seq(m.get("tokenBudgets"), "tokenBudgets"))
@@ -532,6 +539,14 @@ class _Reader:
         names = tuple(h.strip().lower() for h in headers)
         if len(set(names)) != len(names):
             raise self.fail(f"{path}.headers", "lists a header twice")
+        for h in names:
+            if h.startswith(":") or h in self.gateway_headers:
+                raise self.fail(
+                    f"{path}.headers",
+                    f"{h!r} is set by the gateway itself (Envoy checks the value the filter set, the charge may see "
+                    "the client's): key a budget by a request header of the client's (a cost can weigh by model "
+                    "or backend with CEL)",
+                )
         limit = m.get("limit")
         if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
             raise self.fail(f"{path}.limit", f"must be a positive integer, not {_kind(limit)} {limit!r}")

@@ -14,6 +14,7 @@ naming the cost, not a silent zero at run time.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -112,7 +113,9 @@ def _evaluate(program: cel.Program, values: dict[str, Any]) -> int:
         result = program.execute(values)
     except ZeroDivisionError:
         raise
-    except Exception as e:  # the library raises TypeError, RuntimeError, OverflowError, ... by kind
+    except (KeyboardInterrupt, SystemExit, GeneratorExit, asyncio.CancelledError):
+        raise
+    except BaseException as e:  # TypeError, RuntimeError, OverflowError, ... and a Rust panic (a BaseException)
         raise CostError(f"CEL evaluation failed: {_first_line(e)}") from None
     if isinstance(result, bool) or not isinstance(result, int):
         kind = type(result).__name__

@@ -222,5 +222,9 @@ async def start_server(
             os.unlink(path)
     await server.start(path="\0" + path[1:] if abstract else path)
     if not abstract:
-        os.chmod(path, mode)
+        try:
+            os.chmod(path, mode)
+        except OSError:
+            server.close()
+            raise
     return server

@@ -442,6 +442,7 @@ class Sidecar:
             self._rls = await start_server(self.service.ledger.budgets, path, settings.socket_mode, checked)
         except (OSError, ValueError) as e:
             log.error("token budgets not enforced: cannot serve the rate limit service on %s: %s", path, e)
+            self._rls_task = None  # the next reload tries again
             return
         names = ", ".join(self.service.ledger.budgets.names())
         log.info("token budgets (%s): rate limit service on %s", names, path)
@@ -491,11 +492,17 @@ class Sidecar:
             self.fast_path = self.service.fast_path = None
         self.service.flush()
         if self._rls_task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._rls_task
+            except asyncio.CancelledError:
+                pass
+            except Exception as e:  # reported; the stop goes on (the socket files still go)
+                log.error("the rate limit service failed to start: %r", e)
         if self._rls is not None:
             self._rls.close()
-            await self._rls.wait_closed()
+            # grpclib leaves Envoy's HTTP/2 connection open on close; asyncio >= 3.12 waits for it in wait_closed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._rls.wait_closed(), self.settings.drain_timeout)
             self._rls = None
             if not self.settings.socket.startswith("@"):
                 with contextlib.suppress(FileNotFoundError):

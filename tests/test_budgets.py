@@ -319,3 +319,41 @@ def test_the_service_answers_over_a_unix_socket() -> None:
     assert headers["content-type"] == "application/json" and 1 <= int(headers["retry-after"]) <= 60
     assert foreign.overall_code == 1 and b.events["foreign_descriptors"] == 1
     assert b.events["charged"] == 1  # checks never charge
+
+
+def test_an_overfull_table_is_trimmed_in_bursts_from_the_oldest_end() -> None:
+    b, _ = books(max_keys=1000)
+    for i in range(1001):
+        b.charge({"x-user-id": str(i)}, "m", "b", 0, 1, 1)
+    # One burst down to 90% of the cap, the oldest first: the next 100 new keys cost no trimming at all.
+    assert len(b.snapshot()) == 900 and b.events["evicted"] == 101
+    assert b.check("per-user", {"x-user-id": "100"}).used == 0 and b.check("per-user", {"x-user-id": "101"}).used == 1
+    for i in range(1001, 1101):
+        b.charge({"x-user-id": str(i)}, "m", "b", 0, 1, 1)
+    assert len(b.snapshot()) == 1000 and b.events["evicted"] == 101
+
+
+def test_a_new_unit_starts_new_windows() -> None:
+    b, _ = books()
+    b.charge({"x-user-id": "a"}, "m", "b", 0, 80, 80)
+    b.configure(config("  - {name: per-user, cost: tokens, headers: [x-user-id], limit: 100, unit: day}\n"))
+    assert b.check("per-user", {"x-user-id": "a"}).used == 0 and b.snapshot() == []
+
+
+@pytest.mark.parametrize(
+    "header", ["x-ai-eg-model", "x-ai-eg-selected-route", "x-ai-eg-selected-backend", "x-ai-eg-selected-cluster",
+               "x-ai-eg-original-path", "x-ipc-router-rec", ":authority"],
+)  # fmt: skip
+def test_a_header_the_gateway_sets_is_no_budget_key(header: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        config(f"  - {{name: a, cost: tokens, headers: [x-user-id, '{header}'], limit: 1}}\n")
+    assert e.value.path == "tokenBudgets[0].headers" and "set by the gateway" in e.value.message
+
+
+def test_the_gateway_headers_are_the_ones_the_parts_use() -> None:
+    from ipc_router import envoy_upstreams
+    from ipc_router.config import GATEWAY_HEADERS
+    from tests.support.lua_harness import Lua
+
+    assert {envoy_upstreams.CLUSTER_HEADER, envoy_upstreams.SERVED_BACKEND_HEADER} <= set(GATEWAY_HEADERS)
+    assert Lua().filter().conf.token_header.decode() in GATEWAY_HEADERS

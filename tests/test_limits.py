@@ -481,3 +481,18 @@ def test_allow_uid_guards_the_rate_limit_service_too(tmp: Path, start: Callable[
     assert h2_preface_from(rls_path)() == "frame type 4"  # root is on the list: the server's SETTINGS
     assert stats(server)["refused_peers"] == 1
     assert f"uid {NOBODY.pw_uid} gid {NOBODY.pw_gid}: not in --allow-uid/--allow-gid" in server.output()
+
+
+def test_a_reload_that_adds_budgets_starts_the_rate_limit_service(tmp: Path, start: Callable[..., Server]) -> None:
+    config = tmp / "budgets.yaml"
+    config.write_text("rules: []\n")
+    server = start("--config", str(config), "--reload-interval", "0.1")
+    rls_path = server.socket + ".rls"
+    time.sleep(0.3)
+    assert not os.path.exists(rls_path)
+    tmp_file = tmp / "budgets.yaml.tmp"
+    tmp_file.write_text(BUDGET_YAML)
+    tmp_file.replace(config)
+    poll(lambda: os.path.exists(rls_path), timeout=5)
+    assert h2_preface_from(rls_path)() == "frame type 4"
+    assert "token budget 'u' is new or changed its headers" in server.output()  # and the bootstrap needs it
