@@ -64,6 +64,7 @@ class Budgets:
         self._spent: dict[tuple[str, tuple[str, ...]], list[int]] = {}
         #: checks, over_limit, charged (requests), cost_errors, unknown_budget, evicted.
         self.events: Counter[str] = Counter()
+        #: The latest CEL cost that failed on a request's values, for ``/budgets`` ("" while none has).
         self.last_cost_error = ""
 
     def configure(self, config: Config) -> None:
@@ -81,9 +82,6 @@ class Budgets:
     @property
     def active(self) -> bool:
         return bool(self._budgets)
-
-    def budget(self, name: str) -> TokenBudget | None:
-        return self._budgets.get(name)
 
     def keep(self, headers: Mapping[str, str]) -> dict[str, str]:
         """The part of a request's headers its charge will need (kept while the request is in flight)."""

@@ -72,7 +72,7 @@ class _Cost:
 class RequestCosts:
     """The costs of one config, ready to compute. ``costs`` holds ``(metadataKey, type, cel)`` triples."""
 
-    __slots__ = ("_costs", "keys")
+    __slots__ = ("_costs",)
 
     def __init__(self, costs: Sequence[tuple[str, str, str]] = ()) -> None:
         built: list[_Cost] = []
@@ -84,7 +84,6 @@ class RequestCosts:
             else:
                 raise CostError(f"unknown cost type {kind!r}")
         self._costs = tuple(built)
-        self.keys: frozenset[str] = frozenset(c.key for c in built)
 
     def compute(
         self, model: str, backend: str, input_tokens: int, output_tokens: int, total_tokens: int

@@ -189,7 +189,8 @@ class Service:
             return Response(200, orjson.dumps(self.snapshot()), JSON)
         if path == "/budgets":
             self.stats.requests["budgets", "ok"] += 1
-            body = {"budgets": self.ledger.budgets.snapshot(), "events": dict(self.ledger.budgets.events)}
+            books = self.ledger.budgets
+            body = {"budgets": books.snapshot(), "events": dict(books.events), "last_cost_error": books.last_cost_error}
             return Response(200, orjson.dumps(body), JSON)
         return self._reject(req, "unknown", 404, f"unknown path {path!r}")
 

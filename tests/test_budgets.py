@@ -357,3 +357,22 @@ def test_the_gateway_headers_are_the_ones_the_parts_use() -> None:
 
     assert {envoy_upstreams.CLUSTER_HEADER, envoy_upstreams.SERVED_BACKEND_HEADER} <= set(GATEWAY_HEADERS)
     assert Lua().filter().conf.token_header.decode() in GATEWAY_HEADERS
+
+
+def test_a_failing_cel_cost_is_counted_and_shown_by_budgets() -> None:
+    from ipc_router.protocol import Request
+    from ipc_router.router import Routing
+    from ipc_router.service import Response, Service
+
+    cfg = parse_config(
+        "llmRequestCosts: [{metadataKey: ratio, type: CEL, cel: 'total_tokens / input_tokens'}]\n"
+        "tokenBudgets: [{name: r, cost: ratio, headers: [x-user-id], limit: 100}]\n"
+    )
+    svc = Service(Routing(cfg))
+    svc.ledger.budgets.configure(cfg)
+    svc.ledger.budgets.charge({"x-user-id": "a"}, "m", "b", 0, 5, 5)  # 5 / 0
+    resp = svc.handle(Request("GET", "/budgets", {}, b"", True))
+    assert isinstance(resp, Response) and resp.status == 200
+    body = orjson.loads(resp.body)
+    assert body["events"]["cost_errors"] == 1 and body["last_cost_error"].startswith("ratio:")
+    assert body["budgets"] == []  # nothing charged: the only cost failed
