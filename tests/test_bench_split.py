@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from lupa import luajit21
 
-from bench.e2e.configs import CONFIGURATIONS, SPLIT, SetupError, VariantStack, patch_lua, write_config
+from bench.e2e.configs import (
+    CONFIGURATIONS,
+    NATIVE_PROBES,
+    SPLIT,
+    SetupError,
+    VariantStack,
+    patch_lua,
+    write_config,
+)
 from bench.e2e.mix import MODELS
 
 
@@ -52,4 +60,4 @@ def test_patch_that_does_not_apply_is_an_error() -> None:
 
 
 def test_split_variants_are_not_in_the_default_run() -> None:
-    assert {c.key for c in CONFIGURATIONS if c.split} == set(SPLIT)
+    assert {c.key for c in CONFIGURATIONS if c.split} == set(SPLIT) | set(NATIVE_PROBES)

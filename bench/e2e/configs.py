@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ipc_router.config import DEFAULT_MODEL_NAME_HEADER_KEY
 from ipc_router.envoy_config import SIDECAR_CLUSTER, lua_filter_source, lua_literal
 from ipc_router.filterapi import DEFAULT_SELECTED_ROUTE_HEADER_KEY, SELECTED_BACKEND_HEADER_KEY
 from ipc_router.tools.stack import Stack, StackError, free_port, read_tail, stop_process
@@ -156,6 +157,17 @@ SPLIT: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
 }
 
 
+# "Why the response phase is Lua": configuration 5 without its response phase (nothing for the filter to record,
+# no token), the usage read by Envoy's own filters instead (json_to_metadata's response rules for JSON bodies,
+# sse_to_metadata with the JSON content parser for event streams) and one file access log line per request with
+# what a record holds. Only the cost is measured: nothing reads the log (bench/README.md has the figures).
+NATIVE_PROBES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "native_all": ("json_to_metadata + sse_to_metadata + a file access log", ("j2m", "sse", "log")),
+    "native_j2m": ("json_to_metadata + a file access log (no usage from streams)", ("j2m", "log")),
+    "native_log": ("a file access log only (no usage)", ("log",)),
+}
+
+
 def patch_lua(code: str, patches: Sequence[tuple[str, str]]) -> str:
     """``code`` with each (old, new) applied; each old must occur exactly once."""
     for old, new in patches:
@@ -181,6 +193,13 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "inline_lua", 2, "Envoy + inline Lua routing",
         "The model read from the body with a Lua pattern, rules as a Lua table: the status quo, no process hop.",
         "inline_lua",
+    ),
+    Configuration(
+        "inline_lua_usage", 10, "Envoy + inline Lua routing and usage reading",
+        "Configuration 2 plus the least a response phase written in Lua does for metrics (the request's route, "
+        "status, content type, the body's tail, the usage taken out of it, counted per worker, not exported): "
+        "Lua doing the fast path's job, a lower bound.",
+        "inline_lua_usage",
     ),
     Configuration(
         "httpcall", 3, "Envoy + Lua httpCall to an instant C responder",
@@ -265,6 +284,15 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "shm_jit_on", 50 + 11, "fast path: " + SPLIT["shm_jit_on"][0],
         "Diagnostic (where the fast path's time goes): configuration 5 with this step taken out.",
         "ipc_variant", stack_options={"shm": True, "patches": SPLIT["shm_jit_on"][1]}, split=True,
+    ),
+    *(
+        Configuration(
+            key, 71 + i, "fast path, no Lua response phase: " + NATIVE_PROBES[key][0],
+            "Probe (why the response phase is Lua): the usage read and the record written by Envoy's own filters.",
+            "native_probe", stack_options={"shm": True, "patches": _NO_RESPONSE + _NO_MD_SET,
+                                         "parts": NATIVE_PROBES[key][1]}, split=True,
+        )
+        for i, key in enumerate(NATIVE_PROBES)
     ),
     Configuration(
         "ipc_router_shm_budget", 9, "Envoy + ipc_router (fast path) + a token budget",
@@ -371,6 +399,59 @@ end
 """
 
 
+# Configuration 10: the least a gateway whose metrics are written in Lua does per response, written the way the
+# fast path's filter is (Envoy-calling functions interpreted, plain finds before patterns): the request's route in
+# the response phase, status and content type, the body's tail kept across chunks, the usage taken out of it. The
+# counts stay in a per-worker table; exporting them is left out, so this is a lower bound.
+INLINE_USAGE_LUA = """
+local find, lower, match, concat = string.find, string.lower, string.match, table.concat
+local TOTALS = {}
+
+local function tokens(tail, name)
+  local at = find(tail, name, 1, true)
+  return at and tonumber(match(tail, "^%s*:%s*(%d+)", at + #name)) or 0
+end
+
+function envoy_on_response(handle)
+  local route = handle:requestHeaders():get("@ROUTE@")
+  if route == nil then
+    return
+  end
+  local headers = handle:headers()
+  local status = headers:get(":status")
+  local ctype = headers:get("content-type")
+  local stream = ctype ~= nil and find(lower(ctype), "text/event-stream", 1, true) == 1
+  local prev, last
+  for chunk in handle:bodyChunks() do
+    local len = chunk:length()
+    if len > 0 then
+      prev, last = last, chunk:getBytes(0, len)
+    end
+  end
+  local tail = prev and concat({prev, last}) or last or ""
+  local totals = TOTALS[route]
+  if totals == nil then
+    totals = {requests = 0, streams = 0, errors = 0, prompt = 0, completion = 0}
+    TOTALS[route] = totals
+  end
+  totals.requests = totals.requests + 1
+  if stream then
+    totals.streams = totals.streams + 1
+  end
+  if status ~= "200" then
+    totals.errors = totals.errors + 1
+  end
+  totals.prompt = totals.prompt + tokens(tail, '"prompt_tokens"')
+  totals.completion = totals.completion + tokens(tail, '"completion_tokens"')
+end
+
+if jit then
+  jit.off(envoy_on_request)
+  jit.off(envoy_on_response)
+end
+""".replace("@ROUTE@", DEFAULT_SELECTED_ROUTE_HEADER_KEY)
+
+
 HTTPCALL_LUA = f"""
 local HEADERS = {{[":method"] = "POST", [":path"] = "/route", [":authority"] = "floor",
                   ["content-type"] = "application/json"}}
@@ -409,15 +490,19 @@ class DirectStack(Stack):
         return doc
 
 
+@dataclass
 class InlineLuaStack(Stack):
-    """Configuration 2: the generated route table, routing done by inline Lua, no sidecar."""
+    """Configuration 2: the generated route table, routing done by inline Lua, no sidecar (and 10: the usage read
+    in Lua too)."""
+
+    usage: bool = False
 
     def start_sidecar(self, timeout: float = 15.0) -> None:
         pass
 
     def bootstrap_dict(self) -> dict[str, Any]:
         doc = super().bootstrap_dict()
-        _replace_lua(doc, inline_lua_code(MODELS))
+        _replace_lua(doc, inline_lua_code(MODELS) + (INLINE_USAGE_LUA if self.usage else ""))
         _drop_sidecar_cluster(doc)
         return doc
 
@@ -471,6 +556,75 @@ class VariantStack(Stack):
             if f["name"] == "envoy.filters.http.lua":
                 source = f["typed_config"]["default_source_code"]
                 source["inline_string"] = patch_lua(source["inline_string"], patches)
+        return doc
+
+
+_USAGE = ("prompt_tokens", "completion_tokens", "total_tokens")
+_J2M = "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata"
+_SSE2M = "type.googleapis.com/envoy.extensions.filters.http.sse_to_metadata.v3.SseToMetadata"
+_JSON_PARSER = "type.googleapis.com/envoy.extensions.content_parsers.json.v3.JsonContentParser"
+_FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+
+
+def _usage_rules() -> list[dict[str, Any]]:
+    return [
+        {
+            "selectors": [{"key": "usage"}, {"key": k}],
+            "on_present": {"metadata_namespace": "ipc_router.usage", "key": k, "type": "NUMBER"},
+        }
+        for k in _USAGE
+    ]
+
+
+@dataclass
+class NativeLogStack(VariantStack):
+    """A native-recording probe: the patched filter (no response phase) plus the ``parts`` of Envoy's own
+    recording: ``j2m``, ``sse`` (after the Lua filter) and ``log`` (the connection manager's access log)."""
+
+    parts: Sequence[str] = ()
+
+    def bootstrap_dict(self) -> dict[str, Any]:
+        doc = super().bootstrap_dict()
+        hcm = _hcm(doc)
+        native = {
+            "j2m": {
+                "name": "envoy.filters.http.json_to_metadata",
+                "typed_config": {"@type": _J2M, "response_rules": {"rules": _usage_rules()}},
+            },
+            "sse": {
+                "name": "envoy.filters.http.sse_to_metadata",
+                "typed_config": {
+                    "@type": _SSE2M,
+                    "response_rules": {
+                        "content_parser": {
+                            "name": "envoy.content_parsers.json",
+                            "typed_config": {"@type": _JSON_PARSER, "rules": [{"rule": r} for r in _usage_rules()]},
+                        }
+                    },
+                },
+            },
+        }
+        filters = hcm["http_filters"]
+        at = next(n for n, f in enumerate(filters) if f["name"] == "envoy.filters.http.lua") + 1
+        filters[at:at] = [native[p] for p in ("j2m", "sse") if p in self.parts]
+        if "log" in self.parts:
+            line = {
+                "start": "%START_TIME(%s.%6f)%",
+                "duration_ms": "%DURATION%",
+                "first_byte_ms": "%RESPONSE_DURATION%",
+                "status": "%RESPONSE_CODE%",
+                "route": f"%REQ({DEFAULT_SELECTED_ROUTE_HEADER_KEY})%",
+                "backend": f"%REQ({SELECTED_BACKEND_HEADER_KEY})%",
+                "model": f"%REQ({DEFAULT_MODEL_NAME_HEADER_KEY})%",
+                "cluster": "%UPSTREAM_CLUSTER%",
+                "content_type": "%RESP(content-type)%",
+                **{k: f"%DYNAMIC_METADATA(ipc_router.usage:{k})%" for k in _USAGE},
+            }
+            path = str(self._logs / "native-access.log")
+            hcm["access_log"] = [
+                {"name": "envoy.access_loggers.file",
+                 "typed_config": {"@type": _FILE_LOG, "path": path, "log_format": {"json_format": line}}}
+            ]  # fmt: skip
         return doc
 
 
@@ -577,6 +731,10 @@ def start_inline_lua(c: Configuration, w: World) -> Running:
     return _from_stack(InlineLuaStack(str(w.config), shm=False))
 
 
+def start_inline_lua_usage(c: Configuration, w: World) -> Running:
+    return _from_stack(InlineLuaStack(str(w.config), shm=False, usage=True))
+
+
 def start_httpcall(c: Configuration, w: World) -> Running:
     return _from_stack(HttpCallStack(str(w.config), responder=str(w.responder), shm=False))
 
@@ -606,6 +764,11 @@ def start_ipc_router_budget(c: Configuration, w: World) -> Running:
 
 def start_ipc_variant(c: Configuration, w: World) -> Running:
     stack = VariantStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
+    return _from_stack(stack)
+
+
+def start_native_probe(c: Configuration, w: World) -> Running:
+    stack = NativeLogStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
     return _from_stack(stack)
 
 
@@ -669,10 +832,12 @@ STARTERS: dict[str, Callable[[Configuration, World], Running]] = {
     "backend": start_backend,
     "direct": start_direct,
     "inline_lua": start_inline_lua,
+    "inline_lua_usage": start_inline_lua_usage,
     "httpcall": start_httpcall,
     "ipc_router": start_ipc_router,
     "ipc_filter_c": start_ipc_filter_c,
     "ipc_variant": start_ipc_variant,
+    "native_probe": start_native_probe,
     "ipc_router_budget": start_ipc_router_budget,
     "ext_proc": start_ext_proc,
     "litellm": start_litellm,

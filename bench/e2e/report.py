@@ -109,6 +109,21 @@ def goals(summary: dict[str, Any], runs: list[dict[str, Any]] | None = None, hi:
     return out
 
 
+def same_job(summary: dict[str, Any], runs: list[dict[str, Any]] | None = None, hi: int = 16) -> list[dict[str, Any]]:
+    """The fast path against Lua doing its job (configuration 10: routing and usage reading): context for the
+    goals, which compare with routing alone (2)."""
+    a, b = "ipc_router_shm", "inline_lua_usage"
+    if a not in summary or b not in summary:
+        return []
+    x, y = summary[a]["added_p50_us"], summary[b]["added_p50_us"]
+    return [
+        {"text": "ipc_router (shm): req/s / inline Lua with usage reading's req/s",
+         "value": _rps_ratio(runs, a, b, hi) if runs is not None else None},
+        {"text": "ipc_router (shm): added p50 / inline Lua with usage reading's added p50",
+         "value": x / y if x is not None and y is not None and y > 0 else None},
+    ]  # fmt: skip
+
+
 def _f(v: float | None, fmt: str = "{:.0f}") -> str:
     return "—" if v is None else fmt.format(v)
 
@@ -157,6 +172,11 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
         verdict = {True: "met", False: "**not met**", None: "n/a"}[g["met"]]
         note = f" ({g['note']})" if g["note"] else ""
         lines.append(f"| {g['goal']} | {_f(g['value'], '{:.2f}')} | {verdict}{note} |")
+    same = result.get("same_job") or []
+    if same:
+        lines += ["", "## Against Lua doing the same job (configuration 10; context, not a goal)", ""]
+        lines += ["| ratio | measured |", "|---|---|"]
+        lines += [f"| {r['text']} | {_f(r['value'], '{:.2f}')} |" for r in same]
     skipped = [c for c in result["configurations"] if c["status"] != "ran"]
     if skipped:
         lines += ["", "## Not run", ""]

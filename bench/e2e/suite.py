@@ -31,7 +31,7 @@ from .configs import BENCH, CONFIGURATIONS, STARTERS, Running, SetupError, World
 from .configs import write_config as write_ipc_config
 from .load import LoadError, Run, check_routing, run_wrk, wrk_binary
 from .mix import MODELS, request_mix, wrk_script
-from .report import goals, summarise, write_markdown, write_plot
+from .report import goals, same_job, summarise, write_markdown, write_plot
 
 BUILD = BENCH / "build"
 RESULTS = BENCH / "results"
@@ -185,6 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     result["summary"] = summarise(result)
     result["goals"] = goals(result["summary"], result["runs"], args.concurrency)
+    result["same_job"] = same_job(result["summary"], result["runs"], args.concurrency)
     return result
 
 
@@ -218,6 +219,8 @@ def print_summary(result: dict[str, Any]) -> None:
         verdict = {True: "met", False: "NOT met", None: "n/a"}[g["met"]]
         value = "—" if g["value"] is None else f"{g['value']:.2f}"
         print(f"goal: {g['goal']}: {value} ({verdict}{'; ' + g['note'] if g.get('note') else ''})")
+    for r in result.get("same_job") or []:
+        print(f"context: {r['text']}: {'—' if r['value'] is None else format(r['value'], '.2f')}")
     for c in result["configurations"]:
         if c["note"]:
             print(f"note: {c['number']} {c['key']}: {c['note']}")

@@ -1,0 +1,107 @@
+"""Bench configurations that are more than a flag: configuration 10's Lua (routing and usage reading) does
+what it claims, and the native-recording probes are bootstraps Envoy accepts, with what they claim to add."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from lupa import luajit21
+
+from bench.e2e.configs import (
+    CONFIGURATIONS,
+    INLINE_USAGE_LUA,
+    NATIVE_PROBES,
+    NativeLogStack,
+    inline_lua_code,
+    write_config,
+)
+from bench.e2e.mix import MODELS
+from ipc_router.filterapi import DEFAULT_SELECTED_ROUTE_HEADER_KEY
+from tests.test_envoy_config import envoy_validate, needs_envoy
+
+_FAKE = r"""
+local code, route, status, ctype, chunks = ...
+local env = setmetatable({}, {__index = _G})
+local f = assert(loadstring(code .. "\nreturn TOTALS"))
+setfenv(f, env)
+local totals = f()
+local function map(t) return {get = function(_, k) return t[k] end} end
+local handle = {
+  requestHeaders = function() return map({["@ROUTE@"] = route}) end,
+  headers = function() return map({[":status"] = status, ["content-type"] = ctype}) end,
+  bodyChunks = function()
+    local i = 0
+    return function()
+      i = i + 1
+      local c = chunks[i]
+      if c == nil then return nil end
+      return {length = function() return #c end, getBytes = function(_, s, n) return c:sub(s + 1, s + n) end}
+    end
+  end,
+}
+env.envoy_on_response(handle)
+return totals
+"""
+
+
+def _run(lua: Any, route: str | None, status: str, ctype: str, chunks: list[str]) -> Any:
+    fake = lua.execute("return function(...) " + _FAKE.replace("@ROUTE@", DEFAULT_SELECTED_ROUTE_HEADER_KEY)
+                       + " end")  # fmt: skip
+    code = inline_lua_code(MODELS) + INLINE_USAGE_LUA
+    return fake(code, route, status, ctype, lua.table_from({i + 1: c for i, c in enumerate(chunks)}))
+
+
+JSON = '{"id":"x","usage":{"prompt_tokens":412,"completion_tokens":9,"total_tokens":421}}'
+SSE = [
+    'data: {"choices":[{"delta":{"content":"Hi"}}],"usage":null}\n\n',
+    'data: {"choices":[],"usage":{"prompt_tokens" : 40,"completion_tokens": 7}}\n\n',
+    "data: [DONE]\n\n",
+]
+
+
+def test_inline_usage_lua_reads_usage_of_json_and_streams() -> None:
+    lua = luajit21.LuaRuntime()
+    t = _run(lua, "r1", "200", "application/json", [JSON[:30], JSON[30:]])
+    assert (t.r1.requests, t.r1.streams, t.r1.errors, t.r1.prompt, t.r1.completion) == (1, 0, 0, 412, 9)
+    # The usage in the last two chunks of a stream (the tail the configuration keeps).
+    t = _run(lua, "r2", "200", "text/event-stream; charset=utf-8", SSE)
+    assert (t.r2.requests, t.r2.streams, t.r2.prompt, t.r2.completion) == (1, 1, 40, 7)
+    t = _run(lua, "r3", "503", "text/plain", ["upstream connect error"])
+    assert (t.r3.requests, t.r3.errors, t.r3.prompt) == (1, 1, 0)
+    t = _run(lua, None, "200", "application/json", [JSON])  # not routed by it: nothing counted
+    assert len(list(t.keys())) == 0
+
+
+def test_inline_usage_is_a_default_configuration() -> None:
+    entry = next(c for c in CONFIGURATIONS if c.key == "inline_lua_usage")
+    assert entry.number == 10 and not entry.split
+
+
+def _filters(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return [f["name"] for f in hcm["http_filters"]], hcm
+
+
+@needs_envoy
+@pytest.mark.parametrize("key", sorted(NATIVE_PROBES))
+def test_native_probe_bootstrap_is_valid(key: str, tmp_path: Path) -> None:
+    entry = next(c for c in CONFIGURATIONS if c.key == key)
+    config = write_config(tmp_path, {m: 10000 + i for i, m in enumerate(MODELS)})
+    stack = NativeLogStack(str(config), **entry.stack_options)
+    try:
+        doc = stack.bootstrap_dict()
+        names, hcm = _filters(doc)
+        parts = NATIVE_PROBES[key][1]
+        assert ("envoy.filters.http.json_to_metadata" in names) == ("j2m" in parts)
+        assert ("envoy.filters.http.sse_to_metadata" in names) == ("sse" in parts)
+        assert ("access_log" in hcm) == ("log" in parts)
+        lua = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.lua")
+        assert "\nfunction envoy_on_response(" not in lua["typed_config"]["default_source_code"]["inline_string"]
+        path = tmp_path / "bootstrap.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        envoy_validate(path)
+    finally:
+        stack.stop()  # nothing was started: this removes its work directory (the access log's)
