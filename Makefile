@@ -16,7 +16,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check ipc_router tests bench examples
+	$(BIN)/ruff check ipc_router tests bench examples deploy
 	@if command -v luacheck >/dev/null 2>&1; then \
 		luacheck --no-color --config ipc_router/lua/.luacheckrc ipc_router/lua/; \
 	else \

@@ -105,3 +105,22 @@ def test_native_probe_bootstrap_is_valid(key: str, tmp_path: Path) -> None:
         envoy_validate(path)
     finally:
         stack.stop()  # nothing was started: this removes its work directory (the access log's)
+
+
+def test_same_job_ratios_are_per_round_medians_and_absent_without_configuration_10() -> None:
+    from bench.e2e.report import same_job
+
+    summary = {"ipc_router_shm": {"added_p50_us": 60.0}, "inline_lua_usage": {"added_p50_us": 40.0}}
+    runs = [
+        {"config": "ipc_router_shm", "c": 16, "round": 1, "rps": 900.0},
+        {"config": "inline_lua_usage", "c": 16, "round": 1, "rps": 1000.0},
+        {"config": "ipc_router_shm", "c": 16, "round": 2, "rps": 1000.0},
+        {"config": "inline_lua_usage", "c": 16, "round": 2, "rps": 1000.0},
+        {"config": "ipc_router_shm", "c": 16, "round": 3, "rps": 2000.0},
+        {"config": "inline_lua_usage", "c": 16, "round": 3, "rps": 2000.0},
+        {"config": "ipc_router_shm", "c": 1, "round": 1, "rps": 1.0},  # c=1: not a throughput figure
+    ]
+    rps, latency = same_job(summary, runs, 16)
+    assert rps["value"] == 1.0  # the median of 0.9, 1.0, 1.0
+    assert latency["value"] == 1.5
+    assert same_job({"ipc_router_shm": summary["ipc_router_shm"]}, runs, 16) == []

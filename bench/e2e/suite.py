@@ -244,7 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument(
         "--split",
         action="store_true",
-        help="add the diagnostic variants of the fast path (configurations 50-61, bench/README.md)",
+        help="add the diagnostic variants of the fast path (configurations 50-61) and the native-recording "
+        "probes (71-73), bench/README.md",
     )
     p.add_argument("--baseline", metavar="REV", help="add configuration 5 with the filter of git revision REV")
     p.add_argument("--out", type=Path, default=RESULTS, help="where latest.{json,md,png} go (not in --smoke)")
