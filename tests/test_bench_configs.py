@@ -14,7 +14,7 @@ from bench.e2e.configs import (
     CONFIGURATIONS,
     INLINE_USAGE_LUA,
     NATIVE_PROBES,
-    NativeLogStack,
+    NativeProbeStack,
     inline_lua_code,
     write_config,
 )
@@ -90,7 +90,7 @@ def _filters(doc: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
 def test_native_probe_bootstrap_is_valid(key: str, tmp_path: Path) -> None:
     entry = next(c for c in CONFIGURATIONS if c.key == key)
     config = write_config(tmp_path, {m: 10000 + i for i, m in enumerate(MODELS)})
-    stack = NativeLogStack(str(config), **entry.stack_options)
+    stack = NativeProbeStack(str(config), **entry.stack_options)
     try:
         doc = stack.bootstrap_dict()
         names, hcm = _filters(doc)

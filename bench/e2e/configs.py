@@ -577,7 +577,7 @@ def _usage_rules() -> list[dict[str, Any]]:
 
 
 @dataclass
-class NativeLogStack(VariantStack):
+class NativeProbeStack(VariantStack):
     """A native-recording probe: the patched filter (no response phase) plus the ``parts`` of Envoy's own
     recording: ``j2m``, ``sse`` (after the Lua filter) and ``log`` (the connection manager's access log)."""
 
@@ -768,7 +768,7 @@ def start_ipc_variant(c: Configuration, w: World) -> Running:
 
 
 def start_native_probe(c: Configuration, w: World) -> Running:
-    stack = NativeLogStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
+    stack = NativeProbeStack(str(w.config), metrics_port=free_port(), sidecar_args=c.sidecar_args, **c.stack_options)
     return _from_stack(stack)
 
 
