@@ -37,6 +37,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
+from math import isfinite as _isfinite
 from time import time_ns
 from typing import TYPE_CHECKING, Any, cast
 
@@ -301,12 +302,24 @@ class Aggregator:
             inp = usage.input_tokens if usage is not None else 0
             tpot = (dur - ttft) / (out - 1) if plan.tpot else 0.0
             values = (ttft, inp, out, dur, tpot)
+            gen = self._gen
+            # What _value does, inlined: this loop runs ~4 times per completion (a fifth of the drain's time).
             for slot, series in plan.steps:
-                self._value(series, values[slot])
+                v = values[slot]
+                if not _isfinite(v) or v < 0:
+                    continue
+                i = bisect_left(series.bounds, v)
+                for a in series.accs if series.gen == gen else self._admit(series):
+                    a.counts[i] += 1
+                    a.sum += v
+                    if v < a.min:
+                        a.min = v
+                    if v > a.max:
+                        a.max = v
 
     def _value(self, series: _Series, v: float) -> None:
         # The SDK's Histogram.record checks, in this order (isfinite raises OverflowError for huge ints, as there).
-        if not math.isfinite(v) or v < 0:
+        if not _isfinite(v) or v < 0:
             return
         accs = series.accs if series.gen == self._gen else self._admit(series)
         i = bisect_left(series.bounds, v)

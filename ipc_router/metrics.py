@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
+import msgspec
 from opentelemetry.metrics import Histogram, Meter
 
 from ipc_router import extensions
@@ -189,16 +189,43 @@ class Usage:
     total_tokens: int
 
 
-def _usage_of(event: Any) -> Usage | None:
-    if not isinstance(event, dict):
-        return None
-    u = event.get("usage")
+def _usage_in(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
     inp, out, tot = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("total_tokens")
-    if not isinstance(inp, int) or not isinstance(out, int):
+    # Integers as a strict 64-bit JSON parser gives them (orjson turns larger ones into floats).
+    if not (isinstance(inp, int) and isinstance(out, int) and _I64 <= inp < _U64 and _I64 <= out < _U64):
         return None
-    return Usage(inp, out, tot if isinstance(tot, int) else inp + out)
+    return Usage(inp, out, tot if isinstance(tot, int) and _I64 <= tot < _U64 else inp + out)
+
+
+_I64, _U64 = -(2**63), 2**64
+
+
+class _UsageDoc(msgspec.Struct):
+    usage: Any = None
+
+
+_USAGE_DOC = msgspec.json.Decoder(_UsageDoc)
+
+
+def _usage_of_json(data: bytes) -> Usage | None:
+    """The usage of a JSON document (an answer, or one event of a stream), as a strict parser reads it: ``None``
+    unless it is valid JSON, an object, with integer ``prompt_tokens`` and ``completion_tokens``. msgspec skips
+    (and still checks) every other member: ~1 µs less per 0.5 KiB answer in the drain loop than building the
+    whole document. It does not check UTF-8 in what it skips, hence the check first."""
+    try:
+        return _usage_in(_USAGE_DOC.decode(data).usage) if data.isascii() or _utf8(data) else None
+    except msgspec.DecodeError:  # invalid JSON, or not an object at the top
+        return None
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 _NON_NULL_USAGE = re.compile(rb'"usage"\s*+:\s*+(?!null)')
@@ -247,11 +274,7 @@ class UsageScanner:
         payload = line[6:].strip()
         if not payload or payload == b"[DONE]":
             return
-        try:
-            event = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            return
-        self.usage = _usage_of(event)
+        self.usage = _usage_of_json(payload)
 
 
 def extract_usage(body: bytes, stream: bool) -> Usage | None:
@@ -260,7 +283,4 @@ def extract_usage(body: bytes, stream: bool) -> Usage | None:
         scanner = UsageScanner()
         scanner.feed(body)
         return scanner.close()
-    try:
-        return _usage_of(orjson.loads(body))
-    except orjson.JSONDecodeError:
-        return None
+    return _usage_of_json(body)

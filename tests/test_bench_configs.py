@@ -3,6 +3,7 @@ what it claims, and the native-recording probes are bootstraps Envoy accepts, wi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,65 @@ def test_same_job_ratios_are_per_round_medians_and_absent_without_configuration_
     assert rps["value"] == 1.0  # the median of 0.9, 1.0, 1.0
     assert latency["value"] == 1.5
     assert same_job({"ipc_router_shm": summary["ipc_router_shm"]}, runs, 16) == []
+
+
+_WORKER = r"""
+import ctypes, sys, threading, time
+def spin(seconds):
+    # the thread names itself as Envoy names its workers (prctl PR_SET_NAME)
+    ctypes.CDLL(None).prctl(15, b"wrk:worker_0", 0, 0, 0)
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+    ready.set()
+    time.sleep(60)
+ready = threading.Event()
+threading.Thread(target=spin, args=(float(sys.argv[1]),), daemon=True).start()
+ready.wait()
+print("spun", flush=True)
+time.sleep(0.3)  # the main thread spins too: it must not count
+end = time.thread_time() + 0.3
+while time.thread_time() < end:
+    pass
+print("done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_worker_run_seconds_counts_envoy_worker_threads_only() -> None:
+    import subprocess
+    import sys
+
+    from bench.e2e.configs import worker_run_seconds
+
+    proc = subprocess.Popen([sys.executable, "-c", _WORKER, "0.25"], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"spun"
+        first = worker_run_seconds(proc.pid)
+        assert first is not None and 0.24 <= first < 0.5
+        assert proc.stdout.readline().strip() == b"done"
+        again = worker_run_seconds(proc.pid)
+        assert again is not None and again - first < 0.05  # the main thread's 0.3 s is not a worker's
+    finally:
+        proc.kill()
+        proc.wait()
+    assert worker_run_seconds(proc.pid) is None  # gone
+    assert worker_run_seconds(os.getpid()) is None  # no thread of pytest's is named like a worker
+
+
+def test_split_table_prefers_the_worker_figure_when_every_run_has_it() -> None:
+    from bench.e2e.split import cpu_field, paired_delta
+
+    def run(config: str, rnd: int, envoy: float, worker: float | None) -> dict[str, Any]:
+        cpu = {"envoy": envoy, **({"envoy_worker": worker} if worker is not None else {})}
+        return {"config": config, "c": 16, "round": rnd, "rps": 1.0, "cpu_us_per_request": cpu}
+
+    runs = [run("ipc_router_shm", 1, 60.0, 55.0), run("inline_lua", 1, 52.0, 49.0),
+            run("ipc_router_shm", 2, 64.0, 56.0), run("inline_lua", 2, 50.0, 48.0)]  # fmt: skip
+    result = {"params": {"concurrency": [1, 16]}, "runs": runs}
+    assert cpu_field(result) == "envoy_worker"
+    assert paired_delta(result, "inline_lua", "ipc_router_shm", 16) == -7.0  # median of -6, -8
+    runs.append(run("ipc_router_shm", 3, 61.0, None))  # an older result: the process figure for all
+    assert cpu_field(result) == "envoy"
+    assert paired_delta(result, "inline_lua", "ipc_router_shm", 16) == -11.0  # median of -8, -14

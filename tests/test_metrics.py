@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, Metric
@@ -689,3 +691,69 @@ def test_usage_scan_skips_null_usage_spellings_and_decoys_in_content() -> None:
     for i in range(len(stream)):
         scanner.feed(stream[i : i + 1])
     assert scanner.close() == Usage(4, 6, 10)
+
+
+# --- the usage read: what a strict parser (orjson) and a plain reading of the document give -------------------
+
+
+def _reference_usage(body: bytes) -> Usage | None:
+    """The usage read written plainly: the whole document parsed, then looked at."""
+    import orjson
+
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    u = doc.get("usage") if isinstance(doc, dict) else None
+    if not isinstance(u, dict):
+        return None
+    inp, out, tot = u.get("prompt_tokens"), u.get("completion_tokens"), u.get("total_tokens")
+    if not isinstance(inp, int) or not isinstance(out, int):
+        return None
+    return Usage(inp, out, tot if isinstance(tot, int) else inp + out)
+
+
+_JSON_LEAVES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+)  # fmt: skip
+_JSON = st.recursive(
+    _JSON_LEAVES, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=12,
+)  # fmt: skip
+_USAGE_VALUES = st.one_of(_JSON_LEAVES, st.integers(min_value=2**63 - 2, max_value=2**64 + 2))
+_USAGE = st.fixed_dictionaries(
+    {}, optional={"prompt_tokens": _USAGE_VALUES, "completion_tokens": _USAGE_VALUES, "total_tokens": _USAGE_VALUES}
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    doc=st.dictionaries(st.text(max_size=6), _JSON, max_size=4),
+    usage=st.one_of(st.none(), _USAGE, _JSON),
+    dup=st.booleans(),
+    mangle=st.sampled_from([None, "truncate", "bad-utf8", "trailing", "array"]),
+)
+def test_usage_read_agrees_with_a_whole_document_parse(
+    doc: dict[str, Any], usage: Any, dup: bool, mangle: str | None
+) -> None:
+    from ipc_router.metrics import _usage_of_json
+
+    def dumps(v: Any) -> bytes:  # the stdlib writes integers of any size, as a backend might
+        return json.dumps(v, separators=(",", ":"), ensure_ascii=False).encode()
+
+    body = dumps({**doc, "usage": usage})
+    if dup:  # a repeated member: the last one counts, in both
+        body = body[:-1] + b',"usage":' + dumps(usage) + b"}"
+    if mangle == "truncate":
+        body = body[: len(body) // 2]
+    elif mangle == "bad-utf8":
+        body = body[:1] + b'"\xff\xfe":1,' + body[1:]
+    elif mangle == "trailing":
+        body += b" x"
+    elif mangle == "array":
+        body = b"[" + body + b"]"
+    assert _usage_of_json(body) == _reference_usage(body)
+    assert extract_usage(body, stream=False) == _reference_usage(body)
+    event = b'data: {"choices":[]}\n\ndata: ' + body + b"\n\ndata: [DONE]\n\n"
+    assert extract_usage(event, stream=True) == _reference_usage(body)

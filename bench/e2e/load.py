@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from .configs import Configuration, cpu_seconds, descendants
+from .configs import Configuration, cpu_seconds, descendants, worker_run_seconds
 from .mix import CHAT_PATH, MODELS, Request
 
 
@@ -47,6 +47,8 @@ def run_wrk(
         raise LoadError("wrk is not installed")
     pids = {role: [pid, *descendants(pid)] for role, pid in processes.items()}
     cpu0 = {role: sum(cpu_seconds(p) for p in ps) for role, ps in pids.items()}
+    envoy = processes.get("envoy")
+    worker0 = worker_run_seconds(envoy) if envoy is not None else None
     cmd = [wrk, "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", f"--timeout={timeout_s:g}s"]
     cmd += ["-s", script, url]
     t0 = time.perf_counter()
@@ -56,6 +58,9 @@ def run_wrk(
         raise LoadError(f"wrk -c{concurrency} did not finish within {seconds + 30:g}s") from None
     wall = time.perf_counter() - t0
     cpu = {role: sum(cpu_seconds(p) for p in ps) - cpu0[role] for role, ps in pids.items()}
+    worker1 = worker_run_seconds(envoy) if envoy is not None and worker0 is not None else None
+    if worker0 is not None and worker1 is not None:
+        cpu["envoy_worker"] = worker1 - worker0  # within "envoy": its worker threads alone, to the nanosecond
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRKJSON ")), None)
     if out.returncode != 0 or line is None:
         raise LoadError(f"wrk failed ({out.returncode}): {out.stdout[-1000:]} {out.stderr[-1000:]}")

@@ -1,7 +1,8 @@
 """The "where the fast path's time goes" table from a suite result (``--split`` runs, bench/README.md).
 
 ``python -m bench.e2e.split [bench/results/latest.json]``: per configuration that ran, Envoy's CPU µs per request at
-c=N (median over rounds), its difference from configuration 5's (the fast path as shipped; per round, then the
+c=N (median over rounds; its worker thread's scheduler-counted run time where the result has it, else the whole
+process's user + system time), its difference from configuration 5's (the fast path as shipped; per round, then the
 median), c=N req/s over inline
 Lua's and over configuration 5's (per round, then the median), and the added c=1 p50 over the httpCall floor's.
 """
@@ -20,11 +21,19 @@ from .report import _rps_ratio, summarise
 SHIPPED, INLINE, FLOOR_CALL = "ipc_router_shm", "inline_lua", "httpcall"
 
 
+def cpu_field(result: dict[str, Any]) -> str:
+    """``envoy_worker`` when every c=N run of Envoy has it (suites since 2026-12-01 15:00), else ``envoy``."""
+    hi = result["params"]["concurrency"][1]
+    runs = [r for r in result["runs"] if r["c"] == hi and r["cpu_us_per_request"].get("envoy") is not None]
+    return "envoy_worker" if runs and all("envoy_worker" in r["cpu_us_per_request"] for r in runs) else "envoy"
+
+
 def _envoy_by_round(result: dict[str, Any], key: str, hi: int) -> dict[int, float]:
+    field = cpu_field(result)
     return {
-        r["round"]: r["cpu_us_per_request"]["envoy"]
+        r["round"]: r["cpu_us_per_request"][field]
         for r in result["runs"]
-        if r["config"] == key and r["c"] == hi and r["cpu_us_per_request"].get("envoy") is not None
+        if r["config"] == key and r["c"] == hi and r["cpu_us_per_request"].get(field) is not None
     }
 
 
@@ -52,8 +61,9 @@ def rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     runs = result["runs"]
     floor_added = summary.get(FLOOR_CALL, {}).get("added_p50_us")
     out = []
+    field = cpu_field(result)
     for key, s in summary.items():
-        envoy = s["cpu_us_per_request_cN"].get("envoy")
+        envoy = s["cpu_us_per_request_cN"].get(field)
         added = s["added_p50_us"]
         out.append({
             "number": s["number"], "key": key, "label": s["label"], "envoy_us": envoy,
@@ -71,8 +81,9 @@ def markdown(result: dict[str, Any]) -> str:
     def f(v: float | None, fmt: str) -> str:
         return "—" if v is None else format(v, fmt)
 
+    what = "Envoy worker µs/request" if cpu_field(result) == "envoy_worker" else "Envoy µs/request"
     lines = [
-        "| # | configuration | Envoy µs/request | vs 5 (quartiles) | req/s / inline Lua's | req/s / 5's | added p50 µs "
+        f"| # | configuration | {what} | vs 5 (quartiles) | req/s / inline Lua's | req/s / 5's | added p50 µs "
         "| / httpCall floor's |",
         "|---|---|---|---|---|---|---|---|",
     ]
