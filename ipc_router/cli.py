@@ -52,7 +52,7 @@ _HELP = {
     "app_dir": "directory searched first for --router/--metrics modules, as uvicorn's --app-dir",
     "shm": "shared-memory fast path: cached routes and completion records without a socket round trip",
     "shm_dir": "directory of the shared-memory segment (a tmpfs; in a pod, the emptyDir shared with Envoy)",
-    "shm_drain_interval": "seconds between drains of the completion rings",
+    "shm_drain_interval": "seconds between drains of the completion rings (empty rings back off to 8x)",
     "cds_path": "write Envoy's backend clusters to this file on every config load (file-based CDS; the bootstrap "
     "from envoy-config --cds-path reads it): new backends without an Envoy restart",
     "sds_dir": "with --cds-path: directory of the clusters' credential SDS files (as envoy-config --sds-dir)",

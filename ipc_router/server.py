@@ -32,7 +32,7 @@ from ipc_router.config import (
     load_config,
     not_in_bootstrap,
 )
-from ipc_router.fastpath import FastPath, open_fast_path, retire_segment, segment_path
+from ipc_router.fastpath import DrainPace, FastPath, open_fast_path, retire_segment, segment_path
 from ipc_router.plugins import METRICS_GROUP, ROUTERS_GROUP, PluginError, load_plugin
 from ipc_router.protocol import (
     JSON,
@@ -399,15 +399,14 @@ class Sidecar:
     async def _drain(self) -> None:
         fast = self.fast_path
         assert fast is not None
-        interval = self.settings.shm_drain_interval
+        pace = DrainPace(self.settings.shm_drain_interval)
         while True:
             try:
                 n = fast.drain()
             except Exception:  # a bug here must not stop the draining for good
                 log.exception("draining the completion rings failed")
                 n = 0
-            # Busy rings are drained again at once (other tasks still run in between); idle ones every interval.
-            await asyncio.sleep(0 if n >= 64 else interval)
+            await asyncio.sleep(pace.after(n))  # 0 for busy rings: other tasks still run in between
 
     # --- lifecycle ------------------------------------------------------------------------------------------------
 

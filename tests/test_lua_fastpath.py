@@ -17,7 +17,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from ipc_router import shm
-from ipc_router.fastpath import FastPath
+from ipc_router.fastpath import DrainPace, FastPath
 from ipc_router.filterapi import config_from_dict
 from ipc_router.metrics import METER_NAME
 from ipc_router.protocol import MSGPACK, Request, RouteMessage, decode_message
@@ -290,3 +290,13 @@ def test_a_response_that_never_comes_is_reported_incomplete_and_counted_expired(
         assert counts == [1]  # only the answered request
     finally:
         rig.close()
+
+
+def test_the_drain_backs_off_on_empty_rings_and_returns_with_the_first_record() -> None:
+    pace = DrainPace(0.002)
+    assert [pace.after(0) for _ in range(6)] == [0.002, 0.004, 0.008, 0.016, 0.016, 0.016]
+    assert pace.after(3) == 0.002  # records: the configured interval again, at once
+    assert pace.after(0) == 0.002  # and the back-off starts over
+    assert pace.after(64) == 0.0 and pace.after(1000) == 0.0  # busy rings: drained again without sleeping
+    assert [pace.after(0) for _ in range(2)] == [0.002, 0.004]
+    assert DrainPace(0.002, busy=8).after(8) == 0.0
