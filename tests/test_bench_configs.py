@@ -127,6 +127,22 @@ def test_same_job_ratios_are_per_round_medians_and_absent_without_configuration_
     assert same_job({"ipc_router_shm": summary["ipc_router_shm"]}, runs, 16) == []
 
 
+def test_same_job_adds_the_worker_time_ratios_when_the_runs_have_them() -> None:
+    from bench.e2e.report import same_job
+
+    def run(config: str, rnd: int, worker: float) -> dict[str, Any]:
+        return {"config": config, "c": 16, "round": rnd, "rps": 1.0,
+                "cpu_us_per_request": {"envoy": worker + 1, "envoy_worker": worker}}  # fmt: skip
+
+    runs = [run("ipc_router_shm", 1, 50.0), run("inline_lua", 1, 45.0),
+            run("ipc_router_shm", 2, 60.0), run("inline_lua", 2, 48.0),
+            run("ipc_router_shm", 3, 40.0), run("inline_lua", 3, 40.0)]  # fmt: skip
+    summary = {"ipc_router_shm": {"added_p50_us": None}, "inline_lua": {"added_p50_us": None}}
+    (worker,) = same_job(summary, runs, 16)
+    assert worker["text"].startswith("ipc_router (shm): inline Lua's Envoy worker")
+    assert worker["value"] == 0.9  # the median of 0.9, 0.8, 1.0: inline's worker time over the fast path's
+
+
 _WORKER = r"""
 import ctypes, sys, threading, time
 def spin(seconds):
