@@ -189,6 +189,9 @@ class Usage:
     total_tokens: int
 
 
+_I64, _U64 = -(2**63), 2**64
+
+
 def _usage_in(u: Any) -> Usage | None:
     if not isinstance(u, dict):
         return None
@@ -197,9 +200,6 @@ def _usage_in(u: Any) -> Usage | None:
     if not (isinstance(inp, int) and isinstance(out, int) and _I64 <= inp < _U64 and _I64 <= out < _U64):
         return None
     return Usage(inp, out, tot if isinstance(tot, int) and _I64 <= tot < _U64 else inp + out)
-
-
-_I64, _U64 = -(2**63), 2**64
 
 
 class _UsageDoc(msgspec.Struct):
