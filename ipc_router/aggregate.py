@@ -302,34 +302,25 @@ class Aggregator:
             inp = usage.input_tokens if usage is not None else 0
             tpot = (dur - ttft) / (out - 1) if plan.tpot else 0.0
             values = (ttft, inp, out, dur, tpot)
-            gen = self._gen
-            # What _value does, inlined: this loop runs ~4 times per completion (a fifth of the drain's time).
-            for slot, series in plan.steps:
-                v = values[slot]
-                if not _isfinite(v) or v < 0:
-                    continue
-                i = bisect_left(series.bounds, v)
-                for a in series.accs if series.gen == gen else self._admit(series):
-                    a.counts[i] += 1
-                    a.sum += v
-                    if v < a.min:
-                        a.min = v
-                    if v > a.max:
-                        a.max = v
+            self._values(plan.steps, values)
 
-    def _value(self, series: _Series, v: float) -> None:
-        # The SDK's Histogram.record checks, in this order (isfinite raises OverflowError for huge ints, as there).
-        if not _isfinite(v) or v < 0:
-            return
-        accs = series.accs if series.gen == self._gen else self._admit(series)
-        i = bisect_left(series.bounds, v)
-        for a in accs:
-            a.counts[i] += 1
-            a.sum += v
-            if v < a.min:
-                a.min = v
-            if v > a.max:
-                a.max = v
+    def _values(self, steps: Sequence[tuple[int, _Series]], values: Sequence[float]) -> None:
+        """``values[slot]`` into each step's series, one call per completion (not per value: a fifth of the
+        drain's time was these calls). The SDK's Histogram.record checks, in this order (isfinite raises
+        OverflowError for huge ints, as there)."""
+        gen = self._gen
+        for slot, series in steps:
+            v = values[slot]
+            if not _isfinite(v) or v < 0:
+                continue
+            i = bisect_left(series.bounds, v)
+            for a in series.accs if series.gen == gen else self._admit(series):
+                a.counts[i] += 1
+                a.sum += v
+                if v < a.min:
+                    a.min = v
+                if v > a.max:
+                    a.max = v
 
     def _admit(self, series: _Series) -> tuple[_Acc, ...]:
         """The series' first value (since a delta reader's last collection): one accumulator per reader, in
@@ -415,7 +406,7 @@ class Aggregator:
                 else:
                     series = self._series[skey] = _Series(inst, clean, self._instruments[inst].bounds)
             got.append((slot, value, series))
-            self._value(series, value)
+            self._values(((0, series),), (value,))
         log.clear()
         return got, overflowed
 
